@@ -99,7 +99,7 @@ class Scored:
         return self.correct == self.tokens
 
 
-class _Scorer:
+class Scorer:
     """Runs batches of samples through the model; counts batches for the fault hook."""
 
     def __init__(self, model, pad_id: int, seq_len: int, batch_size: int, device, marker_dir):
@@ -168,7 +168,7 @@ def gmask_windows(
     return samples
 
 
-def bits_per_byte(scorer: _Scorer, docs: list, special: SpecialIds, context_frac: float) -> dict:
+def bits_per_byte(scorer: Scorer, docs: list, special: SpecialIds, context_frac: float) -> dict:
     """[gMASK] bits per byte over whole documents (see the module docstring, item 1)."""
     samples = [
         s
@@ -206,7 +206,7 @@ def _val_windows(docs: list, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return windows
 
 
-def span_accuracy(scorer: _Scorer, docs: list, special: SpecialIds, cfg: EvalConfig) -> dict:
+def span_accuracy(scorer: Scorer, docs: list, special: SpecialIds, cfg: EvalConfig) -> dict:
     """Teacher-forced per-token accuracy and loss of [MASK] and [sMASK] spans."""
     windows = _val_windows(docs, int((scorer.seq_len - 2) / 1.1))
     pick = np.random.default_rng([cfg.seed, 1]).permutation(len(windows))[: cfg.span_windows]
@@ -455,7 +455,7 @@ def evaluate(
     seq_len = min(seq_len, model.cfg.max_block_len)  # a whole Part B must fit block positions
     special = SpecialIds.from_tokenizer(tokenizer)
     marker_dir = out_dir if out_dir is not None else model_dir
-    scorer = _Scorer(model, tokenizer.pad_id, seq_len, cfg.batch_size, device, marker_dir)
+    scorer = Scorer(model, tokenizer.pad_id, seq_len, cfg.batch_size, device, marker_dir)
 
     docs = list(reader.documents("val"))
     if not docs:

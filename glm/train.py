@@ -475,6 +475,26 @@ def _measure_step_seconds(model, preset: Preset, stream, device, ctx: Dist) -> f
     return float(seconds)
 
 
+# Settings that change when things happen, not what is computed: free to differ on resume.
+_BOOKKEEPING = {"name", "train.log_every", "train.ckpt_every", "train.keep_last", "train.compile"}
+
+
+def _result_changing_fields(saved: dict, current: dict) -> list[str]:
+    """Dotted names of preset fields that differ and would change the trained weights."""
+
+    def flat(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if k not in _BOOKKEEPING and a.get(k) != b.get(k))
+
+
 def _resolve_preset(preset: Preset | str) -> Preset:
     return get_preset(preset) if isinstance(preset, str) else preset
 
@@ -550,10 +570,11 @@ def train(
     max_steps = cfg.max_steps
     if resume != "never" and checkpoints:
         state = load_checkpoint(checkpoints[-1], raw_model)
-        if state["config"]["preset"] != preset.to_dict():
+        changed = _result_changing_fields(state["config"]["preset"], preset.to_dict())
+        if changed:
             raise InputError(
-                f"{checkpoints[-1]}: written with a different preset; use another out_dir "
-                "or resume='never'"
+                f"{checkpoints[-1]}: written with different settings ({', '.join(changed)}); "
+                "use another out_dir or resume='never'"
             )
         optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["data"])
