@@ -199,6 +199,11 @@ class GLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def make_attention(self, sep: Tensor, lengths: Tensor, T: int):
+        """The attention callable shared by every layer of one forward pass."""
+        dropout = self.cfg.dropout if self.training else 0.0
+        return make_attention(sep, lengths, T, dropout, self.attention)
+
     def embed(self, input_ids: Tensor, position_ids: Tensor, block_position_ids: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, C): the three embeddings summed."""
         x = self.wte(input_ids) + self.wpe(position_ids) + self.wbe(block_position_ids)
@@ -227,9 +232,7 @@ class GLM(nn.Module):
         targets).
         """
         B, T = input_ids.shape
-        attend = make_attention(
-            sep, lengths, T, self.cfg.dropout if self.training else 0.0, self.attention
-        )
+        attend = self.make_attention(sep, lengths, T)
         x = self.embed(input_ids, position_ids, block_position_ids)  # (B, T, C)
         for block in self.blocks:
             x = block(x, attend)
