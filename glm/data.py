@@ -119,10 +119,6 @@ class SampleStream:
     def n_windows(self) -> int:
         return len(self.windows)
 
-    def window_tokens(self) -> int:
-        """Tokens covered by all windows (each document token once)."""
-        return int((self.windows[:, 3] - self.windows[:, 2]).sum())
-
     # cursor ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
