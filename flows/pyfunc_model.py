@@ -1,0 +1,55 @@
+"""The registered model's entry point, logged with MLflow's models-from-code.
+
+MLflow copies this file into the model and runs it at load time; nothing is pickled. The
+weights (safetensors), the sentencepiece model and the config arrive as the ``package``
+artifact (a glm model package directory), and the ``glm`` code travels in ``code_paths``.
+
+``predict(["In the beginning God created the [MASK] and the earth."])`` returns the texts
+with every blank filled; generation settings come through pyfunc ``params``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+# Defaults of the params schema in the logged signature: greedy, short fills.
+DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
+
+
+def _as_texts(model_input) -> list[str]:
+    """pyfunc hands a list of strings over as a list, an array or a one-column DataFrame."""
+    if hasattr(model_input, "iloc"):
+        column = model_input.iloc[:, 0] if model_input.ndim == 2 else model_input
+        return [str(x) for x in column.tolist()]
+    if hasattr(model_input, "tolist"):
+        model_input = model_input.tolist()
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(x) for x in model_input]
+
+
+class GLMFillModel(PythonModel):
+    """Fills ``[MASK]``, ``[sMASK]`` and ``[gMASK]`` blanks with a GLM model package."""
+
+    def load_context(self, context) -> None:
+        from glm.package import load_package
+
+        self.model, self.tokenizer = load_package(context.artifacts["package"], device="cpu")
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from glm.generate import GenerationConfig, fill_blanks
+
+        settings = {**DEFAULT_PARAMS, **(params or {})}
+        cfg = GenerationConfig(
+            max_new_tokens=int(settings["max_new_tokens"]),
+            temperature=float(settings["temperature"]),
+            top_k=int(settings["top_k"]),
+            top_p=float(settings["top_p"]),
+            seed=int(settings["seed"]),
+        )
+        return fill_blanks(self.model, self.tokenizer, _as_texts(model_input), cfg)
+
+
+mlflow.models.set_model(GLMFillModel())

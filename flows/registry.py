@@ -1,0 +1,356 @@
+"""MLflow: one tracking run per registered model, a pickle-free pyfunc, the champion gate.
+
+``register`` is idempotent: it looks the model up by its digest tag (the evaluate stage's
+key, which covers corpus, configs and code) and logs + registers only when no version
+carries it. All registry writes happen under the workspace's registry lock, so two runs
+never race on the gate or on sqlite.
+
+Champion gate: a new version takes the ``champion`` alias only when its validation bits per
+byte beat the champion's on the same validation bytes. When the champion was measured on a
+different validation set, it is re-evaluated on this run's (re-tokenized with its own
+tokenizer) before comparing. The first version is champion; any other is ``challenger``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+from flows.workspace import Workspace, file_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_model.py")
+EXAMPLE_INPUT = ["In the beginning God created the [MASK] and the earth."]
+# The packages the pyfunc imports at load time; pinned to what trained it.
+_RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "sentencepiece", "safetensors", "pyarrow")
+DIGEST_TAG = "glm_digest"
+
+
+def open_registry(workspace: str | Path, tracking_uri: str | None = None) -> MlflowClient:
+    """Point MLflow at the workspace's sqlite file (or the given/env URI) and return a client."""
+    uri = Workspace.at(workspace).tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, workspace: Workspace) -> str:
+    """The experiment's id; created with its artifacts inside the workspace for a sqlite store."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        location = workspace.mlflow_artifacts.as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_version(client: MlflowClient, model_name: str, digest: str):
+    """The newest registered version tagged with ``digest``, or None."""
+    found = client.search_model_versions(
+        f"name = '{model_name}' and tags.{DIGEST_TAG} = '{digest}'"
+    )
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def register(request: dict, logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """Log and register this run's model unless its digest is registered; apply the gate."""
+    ws = Workspace.at(request["workspace"])
+    name, digest = request["model_name"], request["digest"]
+    with file_lock(ws.lock_path("registry"), "the model registry lock"):
+        client = open_registry(ws.root, request.get("tracking_uri"))
+        existing = None if request["force"] else find_version(client, name, digest)
+        if existing is not None:
+            alias = _alias_of(client, name, existing.version)
+            logger.info("register: %s v%s already holds digest %s", name, existing.version, digest)
+            return {
+                "name": name,
+                "version": int(existing.version),
+                "alias": alias,
+                "gate_reason": existing.tags.get("gate_reason", "registered earlier"),
+                "mlflow_run_id": existing.run_id,
+                "experiment_id": client.get_run(existing.run_id).info.experiment_id,
+                "reused": True,
+            }
+        run_id, version = _log_and_register(client, request, ws, logger)
+        alias, reason = champion_gate(client, request, version, logger)
+        client.set_model_version_tag(name, version, "gate_reason", reason)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.set_tags({"model_version": version, "alias": alias, "gate_reason": reason})
+    logger.info("register: %s v%s -> %s (%s)", name, version, alias, reason)
+    return {
+        "name": name,
+        "version": int(version),
+        "alias": alias,
+        "gate_reason": reason,
+        "mlflow_run_id": run_id,
+        "experiment_id": client.get_run(run_id).info.experiment_id,
+        "reused": False,
+    }
+
+
+def _log_and_register(client, request: dict, ws: Workspace, logger) -> tuple[str, str]:
+    """One MLflow run: params, curves, metrics, digests, artifacts, and the pyfunc model."""
+    exp_id = ensure_experiment(client, request["experiment_name"], ws)
+    metrics = json.loads(Path(request["eval_dir"], "eval.json").read_text())
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"glm-{request['digest'][:8]}") as run:
+        mlflow.log_params(_flatten(request["params"]))
+        mlflow.set_tags(
+            {
+                **{f"digest.{stage}": key for stage, key in request["stage_keys"].items()},
+                "digest.val_set": request["val_digest"],
+                "digest.tokenizer_sha256": _tokenizer_sha(request["tokenizer_dir"]),
+                "digest.manifest_sha256": _sha_file(request["manifest_path"]),
+                "git_commit": _git_commit(),
+                DIGEST_TAG: request["digest"],
+            }
+        )
+        steps = _log_training_curves(client, run.info.run_id, request["train_dir"])
+        mlflow.log_metrics({k: float(v) for k, v in _numbers(metrics).items()})
+        mlflow.log_artifacts(request["tokenizer_dir"], "tokenizer")
+        mlflow.log_artifact(request["manifest_path"], "data")
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp, "eval")
+            report.mkdir()
+            shutil.copy(Path(request["eval_dir"], "eval.json"), report / "eval.json")
+            (report / "eval.md").write_text(eval_markdown(metrics, request["model_name"]))
+            samples = Path(request["eval_dir"], "samples.json")
+            if samples.is_file():
+                shutil.copy(samples, report / "samples.json")
+            mlflow.log_artifacts(str(report), "eval")
+            if steps:
+                mlflow.log_figure(loss_figure(request["train_dir"]), "plots/loss_curve.png")
+            code = Path(tmp, "code")
+            shutil.copytree(
+                ROOT / "glm", code / "glm", ignore=shutil.ignore_patterns("__pycache__")
+            )
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_ENTRY),
+                artifacts={"package": request["package_dir"]},
+                code_paths=[str(code / "glm")],
+                signature=pyfunc_signature(),
+                input_example=EXAMPLE_INPUT,
+                pip_requirements=_pip_requirements(),
+                registered_model_name=request["model_name"],
+            )
+        logger.info("register: logged %d training steps and %d metrics", steps, len(metrics))
+    version = str(info.registered_model_version)
+    tags = {
+        DIGEST_TAG: request["digest"],
+        "val_digest": request["val_digest"],
+        "val_bpb": str(metrics["val_bpb"]),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(request["model_name"], version, key, value)
+    return run.info.run_id, version
+
+
+def champion_gate(client, request: dict, version: str, logger) -> tuple[str, str]:
+    """Give ``version`` the champion alias if it beats the champion on the same bytes."""
+    name = request["model_name"]
+    new_bpb = float(client.get_model_version(name, version).tags["val_bpb"])
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champion = None
+    if champion is None:
+        client.set_registered_model_alias(name, "champion", version)
+        return "champion", f"first version of {name!r}: champion by default"
+    where = "on the same validation bytes"
+    if champion.tags.get("val_digest") == request["val_digest"] and "val_bpb" in champion.tags:
+        old_bpb = float(champion.tags["val_bpb"])
+    else:
+        logger.info("register: re-evaluating champion v%s on this run's val set", champion.version)
+        old_bpb = reevaluate(client, name, champion.version, request)
+        where = "re-evaluated on this run's validation set"
+    if new_bpb < old_bpb:
+        client.set_registered_model_alias(name, "champion", version)
+        return "champion", (
+            f"val_bpb {new_bpb:.4f} beats champion v{champion.version}'s {old_bpb:.4f} ({where})"
+        )
+    client.set_registered_model_alias(name, "challenger", version)
+    return "challenger", (
+        f"val_bpb {new_bpb:.4f} does not beat champion v{champion.version}'s {old_bpb:.4f} "
+        f"({where})"
+    )
+
+
+def reevaluate(client, name: str, version: str, request: dict) -> float:
+    """Champion's val bpb on this run's validation documents, tokenized its own way."""
+    from glm.evaluate import EvalConfig, evaluate
+    from glm.shards import ShardConfig, write_shards
+
+    with tempfile.TemporaryDirectory(dir=Workspace.at(request["workspace"]).root) as tmp:
+        package = model_package(f"models:/{name}/{version}", Path(tmp, "model"))
+        write_shards(
+            request["sentences_dir"],
+            package / "tokenizer",
+            Path(tmp, "shards"),
+            ShardConfig(**request["shard_cfg"]),
+        )
+        result = evaluate(
+            package,
+            Path(tmp, "shards", "manifest.json"),
+            EvalConfig(**request["eval_cfg"]),
+            out_dir=Path(tmp, "eval"),
+        )
+    return float(result["val_bpb"])
+
+
+def model_package(uri: str, dst: Path) -> Path:
+    """Download a registered/logged model and return its glm package directory."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    return local / "artifacts" / "package"
+
+
+def promote(workspace: str | Path, model_name: str, version: int, tracking_uri=None) -> str:
+    """Move ``champion`` to ``version`` by hand (a rollback); returns the previous champion."""
+    ws = Workspace.at(workspace)
+    with file_lock(ws.lock_path("registry"), "the model registry lock"):
+        client = open_registry(ws.root, tracking_uri)
+        client.get_model_version(model_name, str(version))  # fails loudly if it is missing
+        try:
+            previous = client.get_model_version_by_alias(model_name, "champion").version
+        except MlflowException:
+            previous = "none"
+        client.set_registered_model_alias(model_name, "champion", str(version))
+        client.set_model_version_tag(
+            model_name, str(version), "gate_reason", f"promoted by hand over v{previous}"
+        )
+    return previous
+
+
+def pyfunc_signature() -> ModelSignature:
+    """list[str] in, list[str] out; generation settings as optional params."""
+    from flows.pyfunc_model import DEFAULT_PARAMS
+
+    dtypes = {int: "long", float: "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec(k, dtypes[type(v)], v) for k, v in DEFAULT_PARAMS.items()]),
+    )
+
+
+def eval_markdown(metrics: dict, model_name: str) -> str:
+    """The evaluation table published to Prefect and MLflow."""
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(_numbers(metrics).items()))
+    return f"# {model_name}: evaluation\n\n| metric | value |\n| --- | --- |\n{rows}\n"
+
+
+def loss_figure(train_dir: str):
+    """Training loss (and learning rate) against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read_jsonl(Path(train_dir, "metrics.jsonl"))
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    if rows and "lr" in rows[0]:
+        lr_ax = ax.twinx()
+        lr_ax.plot([r["step"] for r in rows], [r["lr"] for r in rows], "C1--", label="lr")
+        lr_ax.set_ylabel("learning rate")
+    ax.set_title("GLM training loss")
+    fig.tight_layout()
+    return fig
+
+
+def _log_training_curves(client: MlflowClient, run_id: str, train_dir: str) -> int:
+    """Every numeric field of metrics.jsonl as an MLflow metric at its step."""
+    rows = _read_jsonl(Path(train_dir, "metrics.jsonl"))
+    batch = []
+    for row in rows:
+        if "step" not in row:
+            continue
+        stamp = int(row.get("time", 0) * 1000) or 0
+        for key, value in _numbers(row).items():
+            if key not in ("step", "time"):
+                batch.append(Metric(f"train/{key}", float(value), stamp, int(row["step"])))
+    for start in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+    return sum(1 for r in rows if "step" in r)
+
+
+def _alias_of(client: MlflowClient, name: str, version: str) -> str:
+    aliases = client.get_model_version(name, version).aliases
+    return "champion" if "champion" in aliases else (aliases[0] if aliases else "none")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else f"{v:,}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def _pip_requirements() -> list[str]:
+    pins = []
+    for package in _RUNTIME_PACKAGES:
+        version = importlib.metadata.version(package).split("+")[0]
+        pins.append(f"{package}=={version}")
+    return pins
+
+
+def _tokenizer_sha(tokenizer_dir: str) -> str:
+    return json.loads(Path(tokenizer_dir, "tokenizer.json").read_text()).get("sha256", "")
+
+
+def _sha_file(path: str) -> str:
+    from glm.digest import sha256_file
+
+    return sha256_file(path)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def params_for_logging(params: dict, configs: dict) -> dict:
+    """What the MLflow run records as params: top-level choices + every stage setting."""
+    top = {k: v for k, v in params.items() if not isinstance(v, dict) and k != "tracking_uri"}
+    return {**top, **configs}
