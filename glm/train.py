@@ -206,10 +206,13 @@ def _init_distributed(device: torch.device) -> Dist:
     return Dist(rank, world_size, local_rank)
 
 
-def _all_reduce_sum(value: torch.Tensor, ctx: Dist) -> torch.Tensor:
-    if ctx.world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+def _all_reduce(value: torch.Tensor, ctx: Dist, op=None) -> torch.Tensor:
+    """Sum (or ``op``) a small tensor over ranks; nccl needs it on the GPU for the trip."""
+    if ctx.world_size == 1:
+        return value
+    on = value.cuda() if dist.get_backend() == "nccl" else value
+    dist.all_reduce(on, op=op or dist.ReduceOp.SUM)
+    return on.to(value.device)
 
 
 def _barrier(ctx: Dist) -> None:
@@ -371,7 +374,7 @@ def _train_step(
     # count tokens: target tokens of the global step, to normalise the summed loss
     counts = [int((b["targets"] != -100).sum()) for b in micro_batches]
     totals = torch.tensor([sum(counts), sum(int(b["lengths"].sum()) for b in micro_batches)])
-    global_targets, global_inputs = (int(x) for x in _all_reduce_sum(totals, ctx))
+    global_targets, global_inputs = (int(x) for x in _all_reduce(totals, ctx))
     if global_targets == 0:
         raise InputError("a training batch has no target tokens: the samples are empty")
 
@@ -385,7 +388,7 @@ def _train_step(
             weighted = loss * (n * ctx.world_size / global_targets)
             weighted.backward()
         loss_sum += loss.detach().float() * n
-    loss_value = float(_all_reduce_sum(loss_sum, ctx)) / global_targets
+    loss_value = float(_all_reduce(loss_sum, ctx)) / global_targets
 
     # finite-loss check before the optimizer touches the weights
     if not math.isfinite(loss_value):
@@ -470,9 +473,7 @@ def _measure_step_seconds(model, preset: Preset, stream, device, ctx: Dist) -> f
     torch.set_rng_state(saved_rng)
     seconds = torch.tensor([sum(times[1:]) / len(times[1:])])
     # every rank must agree on the step count: take the slowest
-    if ctx.world_size > 1:
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return float(seconds)
+    return float(_all_reduce(seconds, ctx, dist.ReduceOp.MAX))
 
 
 # Settings that change when things happen, not what is computed: free to differ on resume.
@@ -695,7 +696,7 @@ def train(
                 t_window, tokens_window = time.perf_counter(), 0
 
             # checkpoint on schedule, on SIGTERM (agreed by every rank) and at the end
-            stop = _all_reduce_sum(torch.tensor([int(sigterm.raised)]), ctx).item() > 0
+            stop = _all_reduce(torch.tensor([int(sigterm.raised)]), ctx).item() > 0
             if step % cfg.ckpt_every == 0 or step == max_steps or stop:
                 write_checkpoint()
             if stop:
