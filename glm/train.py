@@ -455,11 +455,26 @@ def build_stream(reader, tokenizer, preset: Preset, ctx: Dist, split: str = "tra
     )
 
 
+def _wrap(model: torch.nn.Module, compile: bool, ctx: Dist, device) -> torch.nn.Module:
+    """The module the loop calls: optionally compiled, DDP-wrapped under torchrun."""
+    if compile:
+        model = torch.compile(model)
+    if ctx.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
 def _measure_step_seconds(model, preset: Preset, stream, device, ctx: Dist) -> float:
-    """Seconds per optimizer step, timed on a throwaway copy so the real run is untouched."""
+    """Seconds per optimizer step, timed on a throwaway copy so the real run is untouched.
+
+    The copy is not compiled (compiling would dominate three steps), so with ``compile``
+    the budget errs on the short side.
+    """
     cfg = preset.train
-    probe = copy.deepcopy(model)
-    opt = torch.optim.AdamW(param_groups(probe, cfg.weight_decay), lr=cfg.lr)
+    probe_raw = copy.deepcopy(model)
+    probe = _wrap(probe_raw, False, ctx, device)
+    opt = torch.optim.AdamW(param_groups(probe_raw, cfg.weight_decay), lr=cfg.lr)
     saved_cursor, saved_rng = stream.consumed, torch.get_rng_state()
     times = []
     for _ in range(3):  # the first step warms up allocators and kernels; not counted
@@ -586,21 +601,14 @@ def train(
         resumed_from = str(checkpoints[-1])
         log.info("resumed from %s (step %d of %d)", checkpoints[-1], step, max_steps)
 
-    model = raw_model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ctx.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
-
     if time_budget_s is not None and resumed_from is None:
-        per_step = _measure_step_seconds(model, preset, stream, dev, ctx)
+        per_step = _measure_step_seconds(raw_model, preset, stream, dev, ctx)
         max_steps = max(1, int(time_budget_s / per_step))
         log.info(
             "time budget %.0f s at %.3f s/step -> %d steps", time_budget_s, per_step, max_steps
         )
 
+    model = _wrap(raw_model, cfg.compile, ctx, dev)
     n_params = sum(p.numel() for p in raw_model.parameters())
     flops = flops_per_token(mcfg, cfg.seq_len)
     peak_flops = _peak_flops(dev)
