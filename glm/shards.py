@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# sentences per encode call: large calls keep sentencepiece's threads evenly loaded
+_ENCODE_ROWS = 65536
 SHARD_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -84,7 +87,7 @@ def is_validation(doc_id: str, val_modulus: int = 20) -> bool:
 
 
 class _ShardWriter:
-    """Collects documents of one split and writes a shard whenever the token budget is met."""
+    """Collects runs of documents of one split; writes a shard whenever the budget is met."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int):
         self.dir = out_dir / split
@@ -99,29 +102,54 @@ class _ShardWriter:
         self.ids: list[str] = []
         self.tokens: list[np.ndarray] = []
         self.starts: list[np.ndarray] = []
-        self.text_bytes: list[int] = []
+        self.doc_tokens: list[np.ndarray] = []
+        self.doc_sentences: list[np.ndarray] = []
+        self.text_bytes: list[np.ndarray] = []
         self.n_tokens = 0
 
-    def add(self, doc_id: str, tokens: np.ndarray, starts: np.ndarray, text_bytes: int) -> None:
-        self.ids.append(doc_id)
-        self.tokens.append(tokens)
-        self.starts.append(starts)
-        self.text_bytes.append(text_bytes)
-        self.n_tokens += len(tokens)
-        self.documents += 1
-        self.sentences += len(starts)
-        if self.n_tokens >= self.shard_tokens:
-            self.flush()
+    def add_run(
+        self,
+        ids: list[str],
+        tokens: np.ndarray,
+        starts: np.ndarray,
+        doc_tokens: np.ndarray,
+        doc_sentences: np.ndarray,
+        text_bytes: np.ndarray,
+    ) -> None:
+        """Add consecutive documents: their ids, flat tokens and sentence starts, and per
+        document token counts, sentence counts and text bytes."""
+        while ids:
+            # take documents up to the one that fills the shard's budget
+            room = self.shard_tokens - self.n_tokens
+            cum = np.cumsum(doc_tokens)
+            k = int(np.searchsorted(cum, room)) + 1 if cum[-1] >= room else len(ids)
+            n_tok, n_sent = int(cum[k - 1]), int(doc_sentences[:k].sum())
+            self.ids.extend(ids[:k])
+            self.tokens.append(tokens[:n_tok])
+            self.starts.append(starts[:n_sent])
+            self.doc_tokens.append(doc_tokens[:k])
+            self.doc_sentences.append(doc_sentences[:k])
+            self.text_bytes.append(text_bytes[:k])
+            self.n_tokens += n_tok
+            self.documents += k
+            self.sentences += n_sent
+            if self.n_tokens >= self.shard_tokens:
+                self.flush()
+            ids, tokens, starts = ids[k:], tokens[n_tok:], starts[n_sent:]
+            doc_tokens, doc_sentences = doc_tokens[k:], doc_sentences[k:]
+            text_bytes = text_bytes[k:]
 
     def flush(self) -> None:
+        """Write the collected documents as the next shard (temp file, fsync, rename)."""
         if not self.ids:
             return
+        text_bytes = np.concatenate(self.text_bytes).astype(np.int64)
         table = pa.Table.from_arrays(
             [
                 pa.array(self.ids, pa.string()),
-                _large_list(self.tokens),
-                _large_list(self.starts),
-                pa.array(self.text_bytes, pa.int64()),
+                _large_list(np.concatenate(self.doc_tokens), np.concatenate(self.tokens)),
+                _large_list(np.concatenate(self.doc_sentences), np.concatenate(self.starts)),
+                pa.array(text_bytes, pa.int64()),
             ],
             schema=SHARD_SCHEMA,
         )
@@ -142,18 +170,81 @@ class _ShardWriter:
                 "rows": len(self.ids),
                 "tokens": self.n_tokens,
                 "bytes": final.stat().st_size,
-                "text_bytes": sum(self.text_bytes),
+                "text_bytes": int(text_bytes.sum()),
                 "sha256": sha256_file(final),
             }
         )
         self._reset()
 
 
-def _large_list(parts: list[np.ndarray]) -> pa.LargeListArray:
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(p) for p in parts], out=offsets[1:])
-    values = np.concatenate(parts).astype(np.int32, copy=False)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+def _large_list(lengths: np.ndarray, values: np.ndarray) -> pa.LargeListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+
+def _grouped(batches: Iterator[pa.RecordBatch], min_rows: int) -> Iterator[pa.RecordBatch]:
+    """Merge consecutive record batches into ones of at least ``min_rows`` rows."""
+    group: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        group.append(batch)
+        rows += batch.num_rows
+        if rows >= min_rows:
+            yield pa.Table.from_batches(group).combine_chunks().to_batches()[0]
+            group, rows = [], 0
+    if group:
+        yield pa.Table.from_batches(group).combine_chunks().to_batches()[0]
+
+
+def _encode_batch(tok: Tokenizer, batch: pa.RecordBatch, threads: int) -> tuple:
+    """Encode one record batch (whole documents) into flat arrays and document bounds."""
+    ids = tok.sp.encode(batch.column("text").to_pylist(), num_threads=threads)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _route(
+    batch: pa.RecordBatch,
+    flat: np.ndarray,
+    lengths: np.ndarray,
+    writers: dict[str, _ShardWriter],
+    cfg: ShardConfig,
+    sentences_dir: str | Path,
+) -> None:
+    """Cut an encoded batch into documents and hand runs of them to the split's writer."""
+    n = len(lengths)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    first = batch.column("sentence_index").to_numpy() == 0
+    # the split stage ends record batches at document ends; rely on it
+    if n and not first[0]:
+        raise IntegrityError(f"{sentences_dir}: a document spans two record batches")
+    bounds = np.flatnonzero(first)
+    row_doc = np.cumsum(first) - 1
+    starts = (offsets[:-1] - offsets[bounds][row_doc]).astype(np.int32)
+    doc_tokens = np.diff(offsets[np.append(bounds, n)])
+    doc_sentences = np.diff(np.append(bounds, n))
+    row_bytes = pc.binary_length(batch.column("text")).to_numpy()
+    text_bytes = np.add.reduceat(row_bytes, bounds) if n else row_bytes
+    doc_ids = batch.column("doc_id").take(pa.array(bounds)).to_pylist()
+    is_val = [is_validation(d, cfg.val_modulus) for d in doc_ids]
+    # hand over runs of consecutive documents of one split: slices, not copies
+    doc = 0
+    for val, group in itertools.groupby(is_val):
+        k = len(list(group))
+        a, b = doc, doc + k
+        rows = (bounds[a], bounds[b] if b < len(bounds) else n)
+        writers["val" if val else "train"].add_run(
+            doc_ids[a:b],
+            flat[offsets[rows[0]] : offsets[rows[1]]],
+            starts[rows[0] : rows[1]],
+            doc_tokens[a:b],
+            doc_sentences[a:b],
+            text_bytes[a:b],
+        )
+        doc = b
 
 
 def write_shards(
@@ -166,54 +257,17 @@ def write_shards(
     t0 = time.perf_counter()
     tok = Tokenizer.load(tokenizer_dir)
     threads = cfg.num_threads or os.cpu_count() or 1
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(1) as encoder:
         writers = {s: _ShardWriter(tmp, s, cfg.shard_tokens) for s in SPLITS}
-        # a document may straddle record batches: its pieces wait here until it ends
-        pending_id: str | None = None
-        pending_tokens: list[np.ndarray] = []
-        pending_lengths: list[np.ndarray] = []
-        pending_bytes = 0
-
-        def finish() -> None:
-            lengths = np.concatenate(pending_lengths)
-            starts = np.zeros(len(lengths), dtype=np.int32)
-            np.cumsum(lengths[:-1], out=starts[1:])
-            split = "val" if is_validation(pending_id, cfg.val_modulus) else "train"
-            writers[split].add(pending_id, np.concatenate(pending_tokens), starts, pending_bytes)
-
-        for batch in sentence_batches(sentences_dir):
-            texts = batch.column("text").to_pylist()
-            ids = tok.sp.encode(texts, num_threads=threads)
-            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-            flat = np.fromiter(
-                itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())
-            )
-            offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            text_bytes = pc.binary_length(batch.column("text")).to_numpy()
-            sentence_index = batch.column("sentence_index").to_numpy()
-            doc_ids = batch.column("doc_id")
-            # rows where a new document begins, plus the end of the batch
-            bounds = np.flatnonzero(sentence_index == 0).tolist()
-            if not bounds or bounds[0] != 0:
-                if pending_id is None:
-                    raise IntegrityError(f"{sentences_dir}: sentences do not start a document")
-                bounds = [0, *bounds]
-                continuing = True
-            else:
-                continuing = False
-            bounds.append(len(ids))
-            for k, (a, b) in enumerate(itertools.pairwise(bounds)):
-                if not (k == 0 and continuing):
-                    if pending_id is not None:
-                        finish()
-                    pending_id = doc_ids[a].as_py()
-                    pending_tokens, pending_lengths, pending_bytes = [], [], 0
-                pending_tokens.append(flat[offsets[a] : offsets[b]])
-                pending_lengths.append(lengths[a:b])
-                pending_bytes += int(text_bytes[a:b].sum())
-        if pending_id is not None:
-            finish()
+        # encode group k+1 (sentencepiece releases the GIL) while group k is written
+        pending = None
+        for batch in _grouped(sentence_batches(sentences_dir), _ENCODE_ROWS):
+            job = (batch, encoder.submit(_encode_batch, tok, batch, threads))
+            if pending is not None:
+                _route(pending[0], *pending[1].result(), writers, cfg, sentences_dir)
+            pending = job
+        if pending is not None:
+            _route(pending[0], *pending[1].result(), writers, cfg, sentences_dir)
         for w in writers.values():
             w.flush()
 
