@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,32 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_STATE / 'mlflow.db'}"
 def sample_corpus() -> list[Path]:
     """The bundled real corpus: English (KJV Genesis) and Chinese (poems, sayings)."""
     return sorted(DATA.glob("*.jsonl"))
+
+
+@dataclass(frozen=True)
+class DataStages:
+    """Outputs of the data stages on the bundled corpus (see ``data_stages``)."""
+
+    sentences: Path
+    tokenizer: Path
+    shards: Path
+    manifest: Path
+
+
+@pytest.fixture(scope="session")
+def data_stages(sample_corpus, tmp_path_factory) -> DataStages:
+    """split -> tokenizer (unigram, 1,000 pieces) -> shards (64k-token shards) of the bundled
+    corpus, built once per session. Treat the directories as read-only."""
+    from glm.shards import ShardConfig, write_shards
+    from glm.split import SplitConfig, split_corpus
+    from glm.tokenizer import TokenizerConfig, train_tokenizer
+
+    root = tmp_path_factory.mktemp("data-stages")
+    split_corpus([str(p) for p in sample_corpus], root / "sentences", SplitConfig(workers=1))
+    train_tokenizer(root / "sentences", root / "tokenizer", TokenizerConfig(vocab_size=1000))
+    write_shards(
+        root / "sentences", root / "tokenizer", root / "shards", ShardConfig(shard_tokens=65536)
+    )
+    return DataStages(
+        root / "sentences", root / "tokenizer", root / "shards", root / "shards/manifest.json"
+    )
