@@ -4,8 +4,10 @@ blingfire finds the sentence ends (it knows English abbreviations such as "Mr." 
 this module turns its answer into cut positions in the original string and fixes what it
 gets wrong for this corpus:
 
-- it cuts *before* a closing quote or bracket (``他说：“走吧。|”``); the closer belongs to
-  the sentence it closes, so a cut that lands on one moves past it;
+- it cuts *before* a closing quote or bracket (``他说：“走吧。|”``) and inside runs of marks
+  (``？|！``); the closer belongs to the sentence it closes, so such a cut moves past it;
+- it cuts after a quoted question inside a sentence (``"why?" | and``); a cut before a
+  lowercase Latin letter is dropped;
 - it does not cut after ``；`` or ``…``, nor after ``。`` directly followed by Latin text;
   every run of CJK sentence-final punctuation (plus closers) ends a sentence here;
 - it treats a line break as a space; here a line break always ends a sentence (the corpora
@@ -32,16 +34,17 @@ from blingfire import blingfire as _bf_lib
 MAX_SENTENCE_CHARS = 1024
 
 CLOSERS = "”’\"'」』）)》〉】］]"
-_CLOSERS_SET = frozenset(CLOSERS)
+_TRAILING = frozenset(CLOSERS + "。！？；…!?")
 _CJK_END = re.compile(r"[。！？；…]+[" + re.escape(CLOSERS) + r"]*")
 _LINE_END = re.compile(r"\n+")
 
 
 def _skip_closers(text: str, pos: int) -> int:
-    """Move ``pos`` past closing quotes/brackets and the whitespace after them."""
+    """Move ``pos`` past closing quotes/brackets and sentence-final marks (``？|！``, ``。|”``)
+    and the whitespace after them."""
     n = len(text)
     moved = False
-    while pos < n and text[pos] in _CLOSERS_SET:
+    while pos < n and text[pos] in _TRAILING:
         pos += 1
         moved = True
     if moved:
@@ -107,7 +110,10 @@ def sentence_cuts(text: str) -> list[int]:
     if not text.strip():
         return []
     for start in _blingfire_starts(text):
-        cuts.add(_skip_closers(text, start))
+        pos = _skip_closers(text, start)
+        # a sentence does not start with a lowercase Latin letter: '"why?" and left' is one
+        if pos < n and not ("a" <= text[pos] <= "z"):
+            cuts.add(pos)
     for m in _CJK_END.finditer(text):
         pos = m.end()
         while pos < n and text[pos].isspace():

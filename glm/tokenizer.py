@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>")
 BLANK_TOKENS = ("[MASK]", "[sMASK]", "[gMASK]")
 _BLANK_RE = re.compile("(" + "|".join(re.escape(t) for t in BLANK_TOKENS) + ")")
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 # sentencepiece drops longer training sentences; the split stage caps them far below this
 _MAX_SENTENCE_BYTES = 16384
@@ -127,6 +128,13 @@ def train_tokenizer(sentences_dir: str | Path, out_dir: str | Path, cfg: Tokeniz
     try:
         model = _train(sentences_dir, cfg, vocab_size)
     except RuntimeError as e:
+        small = _TOO_SMALL.search(str(e))
+        if small:
+            raise InputError(
+                f"vocab_size {cfg.vocab_size} is smaller than the {small.group(2)} pieces needed "
+                f"for character_coverage {cfg.character_coverage}; raise vocab_size or lower "
+                "character_coverage"
+            ) from None
         m = _TOO_HIGH.search(str(e))
         if not m:
             raise

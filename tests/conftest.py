@@ -37,7 +37,7 @@ class DataStages:
 
 @pytest.fixture(scope="session")
 def data_stages(sample_corpus, tmp_path_factory) -> DataStages:
-    """split -> tokenizer (unigram, 1,000 pieces) -> shards (64k-token shards) of the bundled
+    """split -> tokenizer (unigram, 2,000 pieces) -> shards (64k-token shards) of the bundled
     corpus, built once per session. Treat the directories as read-only."""
     from glm.shards import ShardConfig, write_shards
     from glm.split import SplitConfig, split_corpus
@@ -45,7 +45,11 @@ def data_stages(sample_corpus, tmp_path_factory) -> DataStages:
 
     root = tmp_path_factory.mktemp("data-stages")
     split_corpus([str(p) for p in sample_corpus], root / "sentences", SplitConfig(workers=1))
-    train_tokenizer(root / "sentences", root / "tokenizer", TokenizerConfig(vocab_size=1000))
+    train_tokenizer(
+        root / "sentences",
+        root / "tokenizer",
+        TokenizerConfig(vocab_size=2000, character_coverage=0.995),
+    )
     write_shards(
         root / "sentences", root / "tokenizer", root / "shards", ShardConfig(shard_tokens=65536)
     )
