@@ -12,10 +12,17 @@ from prefect import flow
 
 from flows.keys import plan_stages
 from flows.params import PipelineParams
-from flows.publish import publish_evaluation, publish_mlflow_link, read_metrics
+from flows.publish import publish_evaluation, publish_mlflow_link
+from flows.registry import eval_metrics
 from flows.runner import StageRunner
-from flows.tasks import evaluate_task, register_task, shard_task, split_task, tokenizer_task
-from flows.tasks import train_task
+from flows.tasks import (
+    evaluate_task,
+    register_task,
+    shard_task,
+    split_task,
+    tokenizer_task,
+    train_task,
+)
 from flows.workspace import Workspace
 from glm.corpus import resolve_corpus
 
@@ -62,7 +69,7 @@ def glm_pipeline(params: PipelineParams) -> dict:
         manifest_path=manifest,
         cfg=cfg["evaluate"],
     )
-    metrics = read_metrics(evaluated["out_dir"])
+    metrics = eval_metrics(evaluated["out_dir"])
     publish_evaluation(metrics, params.model_name)
     if stages.stop_after("evaluate"):
         return stages.finish(metrics)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flows.registry import eval_markdown
@@ -12,14 +9,6 @@ from flows.workspace import Workspace, redact_uri
 
 # Where `mlflow ui --backend-store-uri sqlite:///WORKSPACE/mlflow.db` listens by default.
 LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"
-
-
-def read_metrics(eval_dir: str) -> dict:
-    """The numeric top-level entries of eval.json (val_bpb, cloze_acc, baselines, ...)."""
-    metrics = json.loads(Path(eval_dir, "eval.json").read_text())
-    return {
-        k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }
 
 
 def publish_evaluation(metrics: dict, model_name: str) -> None:

@@ -10,11 +10,10 @@ with every blank filled; generation settings come through pyfunc ``params``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 from mlflow.pyfunc import PythonModel
-
-# Defaults of the params schema in the logged signature: greedy, short fills.
-DEFAULT_PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
 def _as_texts(model_input) -> list[str]:
@@ -41,13 +40,15 @@ class GLMFillModel(PythonModel):
     def predict(self, context, model_input, params=None) -> list[str]:
         from glm.generate import GenerationConfig, fill_blanks
 
-        settings = {**DEFAULT_PARAMS, **(params or {})}
+        # The signature's params are GenerationConfig's fields (its defaults are the schema's).
+        known = {f.name for f in dataclasses.fields(GenerationConfig)}
+        defaults = GenerationConfig()
         cfg = GenerationConfig(
-            max_new_tokens=int(settings["max_new_tokens"]),
-            temperature=float(settings["temperature"]),
-            top_k=int(settings["top_k"]),
-            top_p=float(settings["top_p"]),
-            seed=int(settings["seed"]),
+            **{
+                name: type(getattr(defaults, name))(value)
+                for name, value in (params or {}).items()
+                if name in known
+            }
         )
         return fill_blanks(self.model, self.tokenizer, _as_texts(model_input), cfg)
 

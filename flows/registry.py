@@ -13,9 +13,11 @@ tokenizer) before comparing. The first version is champion; any other is ``chall
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +31,9 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from flows.workspace import Workspace, file_lock
+
+# MLflow's artifact progress bars would fill the console of every run.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_model.py")
@@ -72,39 +77,40 @@ def register(request: dict, logger: logging.Logger | logging.LoggerAdapter) -> d
     with file_lock(ws.lock_path("registry"), "the model registry lock"):
         client = open_registry(ws.root, request.get("tracking_uri"))
         existing = None if request["force"] else find_version(client, name, digest)
-        if existing is not None:
-            alias = _alias_of(client, name, existing.version)
+        if existing is not None and "gate_reason" in existing.tags:
             logger.info("register: %s v%s already holds digest %s", name, existing.version, digest)
-            return {
-                "name": name,
-                "version": int(existing.version),
-                "alias": alias,
-                "gate_reason": existing.tags.get("gate_reason", "registered earlier"),
-                "mlflow_run_id": existing.run_id,
-                "experiment_id": client.get_run(existing.run_id).info.experiment_id,
-                "reused": True,
-            }
-        run_id, version = _log_and_register(client, request, ws, logger)
-        alias, reason = champion_gate(client, request, version, logger)
-        client.set_model_version_tag(name, version, "gate_reason", reason)
-        with mlflow.start_run(run_id=run_id):
-            mlflow.set_tags({"model_version": version, "alias": alias, "gate_reason": reason})
-    logger.info("register: %s v%s -> %s (%s)", name, version, alias, reason)
+            return _outcome(client, existing, reused=True)
+        if existing is None:
+            _log_and_register(client, request, ws, logger)
+            existing = find_version(client, name, digest)
+        # Reached with a fresh version, or after a retry whose first attempt registered the
+        # version but died before the gate: either way the gate has not run for it yet.
+        alias, reason = champion_gate(client, request, existing.version, logger)
+        client.set_model_version_tag(name, existing.version, "gate_reason", reason)
+        with mlflow.start_run(run_id=existing.run_id):
+            mlflow.set_tags({"model_version": existing.version, "alias": alias})
+            mlflow.set_tag("gate_reason", reason)
+        logger.info("register: %s v%s -> %s (%s)", name, existing.version, alias, reason)
+        return _outcome(client, client.get_model_version(name, existing.version), reused=False)
+
+
+def _outcome(client: MlflowClient, version, reused: bool) -> dict:
+    """What the flow records about a registered version."""
     return {
-        "name": name,
-        "version": int(version),
-        "alias": alias,
-        "gate_reason": reason,
-        "mlflow_run_id": run_id,
-        "experiment_id": client.get_run(run_id).info.experiment_id,
-        "reused": False,
+        "name": version.name,
+        "version": int(version.version),
+        "alias": _alias_of(client, version.name, version.version),
+        "gate_reason": version.tags.get("gate_reason", ""),
+        "mlflow_run_id": version.run_id,
+        "experiment_id": client.get_run(version.run_id).info.experiment_id,
+        "reused": reused,
     }
 
 
-def _log_and_register(client, request: dict, ws: Workspace, logger) -> tuple[str, str]:
+def _log_and_register(client, request: dict, ws: Workspace, logger) -> None:
     """One MLflow run: params, curves, metrics, digests, artifacts, and the pyfunc model."""
     exp_id = ensure_experiment(client, request["experiment_name"], ws)
-    metrics = json.loads(Path(request["eval_dir"], "eval.json").read_text())
+    metrics = eval_metrics(request["eval_dir"])
     with mlflow.start_run(experiment_id=exp_id, run_name=f"glm-{request['digest'][:8]}") as run:
         mlflow.log_params(_flatten(request["params"]))
         mlflow.set_tags(
@@ -118,7 +124,7 @@ def _log_and_register(client, request: dict, ws: Workspace, logger) -> tuple[str
             }
         )
         steps = _log_training_curves(client, run.info.run_id, request["train_dir"])
-        mlflow.log_metrics({k: float(v) for k, v in _numbers(metrics).items()})
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(request["tokenizer_dir"], "tokenizer")
         mlflow.log_artifact(request["manifest_path"], "data")
         with tempfile.TemporaryDirectory() as tmp:
@@ -144,18 +150,19 @@ def _log_and_register(client, request: dict, ws: Workspace, logger) -> tuple[str
                 signature=pyfunc_signature(),
                 input_example=EXAMPLE_INPUT,
                 pip_requirements=_pip_requirements(),
-                registered_model_name=request["model_name"],
             )
         logger.info("register: logged %d training steps and %d metrics", steps, len(metrics))
-    version = str(info.registered_model_version)
-    tags = {
-        DIGEST_TAG: request["digest"],
-        "val_digest": request["val_digest"],
-        "val_bpb": str(metrics["val_bpb"]),
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(request["model_name"], version, key, value)
-    return run.info.run_id, version
+        # Tags go in with the version itself: a version without its digest tag would be
+        # invisible to the idempotency lookup and registered again by a retry.
+        mlflow.register_model(
+            info.model_uri,
+            request["model_name"],
+            tags={
+                DIGEST_TAG: request["digest"],
+                "val_digest": request["val_digest"],
+                "val_bpb": str(metrics["val_bpb"]),
+            },
+        )
 
 
 def champion_gate(client, request: dict, version: str, logger) -> tuple[str, str]:
@@ -234,20 +241,31 @@ def promote(workspace: str | Path, model_name: str, version: int, tracking_uri=N
 
 
 def pyfunc_signature() -> ModelSignature:
-    """list[str] in, list[str] out; generation settings as optional params."""
-    from flows.pyfunc_model import DEFAULT_PARAMS
+    """list[str] in, list[str] out; every GenerationConfig field as an optional param."""
+    from glm.generate import GenerationConfig
 
     dtypes = {int: "long", float: "double"}
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec(k, dtypes[type(v)], v) for k, v in DEFAULT_PARAMS.items()]),
+        params=ParamSchema(
+            [
+                ParamSpec(f.name, dtypes[type(f.default)], f.default)
+                for f in dataclasses.fields(GenerationConfig)
+            ]
+        ),
     )
+
+
+def eval_metrics(eval_dir: str | Path) -> dict:
+    """The numeric metrics of an evaluate stage's eval.json (val_bpb, cloze_acc, ...)."""
+    report = json.loads(Path(eval_dir, "eval.json").read_text())
+    return _numbers(report["metrics"])
 
 
 def eval_markdown(metrics: dict, model_name: str) -> str:
     """The evaluation table published to Prefect and MLflow."""
-    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(_numbers(metrics).items()))
+    rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()))
     return f"# {model_name}: evaluation\n\n| metric | value |\n| --- | --- |\n{rows}\n"
 
 
