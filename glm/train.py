@@ -36,17 +36,10 @@ checkpoints, metrics and the package while the others wait at a barrier. The los
 normalised by the number of target tokens in the whole global step, so gradient
 accumulation and any world size give the gradient of the combined batch.
 
-Fault injection (for reliability tests), environment variable ``GLM_FAULT``: a
-comma-separated list of ``ACTION@POINT:N``.
-
-- ACTION: ``kill`` (SIGKILL this process), ``killpg`` (SIGKILL the whole process group),
-  ``fail`` (raise ``InjectedFault`` every time), ``fail-once`` (raise once; a marker file
-  in ``GLM_FAULT_DIR``, default the stage's output directory, lets the retry pass).
-- POINT: ``step:N`` (right after optimizer step N, before its checkpoint), ``ckpt-write:N``
-  (the checkpoint of step N is half-written: weights on disk, state not yet),
-  ``eval:N`` (glm.evaluate, after N scoring batches).
-
-Example: ``GLM_FAULT=kill@step:5`` dies before the first checkpoint of the tiny preset,
+Fault injection (for reliability tests): ``GLM_FAULT`` names points where a run is killed
+or fails (``glm/faults.py``); the trainer has ``step:N`` (after optimizer step N, before its
+checkpoint) and ``ckpt-write:N`` (the checkpoint of step N half-written). Example:
+``GLM_FAULT=kill@step:5`` dies before the first checkpoint of the tiny preset,
 ``GLM_FAULT=kill@ckpt-write:20`` during it, ``GLM_FAULT=fail-once@step:30`` fails the first
 attempt only.
 """
@@ -81,18 +74,13 @@ from glm.config import ModelConfig, Preset, get_preset
 from glm.data import SampleStream
 from glm.digest import sha256_file
 from glm.errors import InputError, IntegrityError
+from glm.faults import InjectedFault as InjectedFault  # re-exported: raised by fault_point
+from glm.faults import fault_point
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "GLM_FAULT"
-FAULT_DIR_ENV = "GLM_FAULT_DIR"
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-_FAULT_ITEM = re.compile(r"^(kill|killpg|fail|fail-once)@([a-z-]+):(\d+)$")
-
-
-class InjectedFault(RuntimeError):
-    """Raised by a ``fail`` or ``fail-once`` fault hook (see the module docstring)."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,33 +89,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGTERM arrived; a checkpoint of the last completed step was written first."""
-
-
-# fault injection ----------------------------------------------------------------------------
-
-
-def fault_point(point: str, n: int, marker_dir: str | Path) -> None:
-    """Act on ``GLM_FAULT`` if it names ``point:n`` (see the module docstring)."""
-    spec = os.environ.get(FAULT_ENV, "")
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        m = _FAULT_ITEM.match(item)
-        if m is None:
-            raise InputError(f"{FAULT_ENV}: cannot parse {item!r}, expected ACTION@POINT:N")
-        action, where, count = m.group(1), m.group(2), int(m.group(3))
-        if where != point or count != n:
-            continue
-        log.warning("fault injection: %s at %s:%d", action, point, n)
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif action == "killpg":
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        marker = Path(os.environ.get(FAULT_DIR_ENV) or marker_dir) / f".fault-{where}-{count}"
-        if action == "fail-once":
-            if marker.exists():
-                continue
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-        raise InjectedFault(f"injected fault {item!r}")
 
 
 # schedule and optimizer ---------------------------------------------------------------------
