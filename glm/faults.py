@@ -8,7 +8,8 @@
 - POINT, with what N counts:
 
   - ``split:N``: the split stage has written its N-th sentence file (1-based), not stats.json;
-  - ``shard:N``: the shard stage has written its N-th shard file, not manifest.json;
+  - ``shard:N``: the shard stage has written the N-th shard file of a split (train or val),
+    not manifest.json;
   - ``step:N``: the trainer's optimizer step N is done, its checkpoint not yet written;
   - ``ckpt-write:N``: the checkpoint of step N is half-written (weights on disk, state not);
   - ``eval:N``: evaluation has scored N batches;

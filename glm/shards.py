@@ -32,6 +32,7 @@ import pyarrow.ipc as ipc
 from glm.atomic import atomic_dir, write_json_atomic
 from glm.digest import sha256_file
 from glm.errors import InputError, IntegrityError
+from glm.faults import fault_point
 from glm.split import sentence_batches
 from glm.tokenizer import Tokenizer
 
@@ -163,6 +164,7 @@ class _ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        fault_point("shard", len(self.entries) + 1, self.dir)
         self.entries.append(
             {
                 "split": self.split,

@@ -37,6 +37,7 @@ from glm.corpus import (
     txt_documents,
 )
 from glm.errors import InputError, IntegrityError
+from glm.faults import fault_point
 from glm.sentences import MAX_SENTENCE_CHARS, split_sentences
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,9 @@ def _chunk_documents(chunk: Chunk, cfg: SplitConfig, counts: Counter) -> Iterato
         yield doc.doc_id, doc.text
 
 
-def _split_chunk(task: tuple[Chunk, SplitConfig, str]) -> dict:
+def _split_chunk(task: tuple[Chunk, SplitConfig, str, int]) -> dict:
     """Split one chunk into sentences and write its Arrow file; return its counts."""
-    chunk, cfg, out_path = task
+    chunk, cfg, out_path, number = task
     counts: Counter = Counter()
     ids: list[str] = []
     indices: list[int] = []
@@ -214,6 +215,7 @@ def _split_chunk(task: tuple[Chunk, SplitConfig, str]) -> dict:
         flush()
     if writer is not None:
         writer.close()
+    fault_point("split", number, Path(out_path).parent)
     return dict(counts)
 
 
@@ -252,7 +254,7 @@ def split_corpus(specs: list[str], out_dir: str | Path, cfg: SplitConfig) -> dic
 
     with atomic_dir(out_dir) as tmp:
         names = [f"sentences-{i:05d}.arrow" for i in range(len(chunks))]
-        tasks = [(c, cfg, str(tmp / n)) for c, n in zip(chunks, names, strict=True)]
+        tasks = [(c, cfg, str(tmp / names[i]), i + 1) for i, c in enumerate(chunks)]
         results = _pool_map(_split_chunk, tasks, workers)
         total: Counter = Counter()
         for r in results:
