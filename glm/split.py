@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -219,12 +220,20 @@ def _split_chunk(task: tuple[Chunk, SplitConfig, str, int]) -> dict:
     return dict(counts)
 
 
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """Fork when this process runs a single thread (instant, nothing re-imported); spawn
+    otherwise, since a forked child could inherit a lock another thread holds (Prefect's
+    engine runs threads)."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def _pool_map(fn, tasks: list, workers: int) -> list:
-    """``map`` in order, in a process pool when it helps (spawned: safe under threads)."""
+    """``map`` in order, in a process pool when there is more than one task and worker."""
     if workers <= 1 or len(tasks) <= 1:
         return [fn(t) for t in tasks]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(tasks))) as pool:
+    with _mp_context().Pool(min(workers, len(tasks))) as pool:
         return pool.map(fn, tasks, chunksize=1)
 
 

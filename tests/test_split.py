@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -152,3 +155,33 @@ def test_workers_are_not_recorded(data_stages):
         "chunk_bytes",
         "max_sentence_chars",
     }
+
+
+_KILLED_SPLIT = """
+import sys, time
+import glm.split as split
+
+def stall(path, obj):
+    # every sentence file is written; only stats.json is missing: the worst moment to die
+    print("WRITING", flush=True)
+    time.sleep(120)
+
+split.write_json_atomic = stall
+split.split_corpus(sys.argv[2:], sys.argv[1], split.SplitConfig(workers=1))
+"""
+
+
+def test_split_killed_before_stats_leaves_no_output(tmp_path, sample_corpus):
+    out = tmp_path / "stage" / "sentences"
+    specs = [str(p) for p in sample_corpus]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SPLIT, str(out), *specs], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "WRITING"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists()
+    leftovers = [p.name for p in (tmp_path / "stage").rglob("*") if p.is_file()]
+    assert "sentences-00000.arrow" in leftovers and "stats.json" not in leftovers
+    stats = split_corpus(specs, out, SplitConfig(workers=1))
+    assert json.loads((out / "stats.json").read_text()) == stats
