@@ -3,6 +3,7 @@ stats of handled inputs, no partial output on bad input."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 import pytest
 
 from glm.corpus import ReadOptions, iter_documents, resolve_corpus
@@ -185,3 +187,20 @@ def test_split_killed_before_stats_leaves_no_output(tmp_path, sample_corpus):
     assert "sentences-00000.arrow" in leftovers and "stats.json" not in leftovers
     stats = split_corpus(specs, out, SplitConfig(workers=1))
     assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_gzip_and_parquet_through_the_stage(tmp_path):
+    texts = [f"Row {i} says hello. 第{i}行。" for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=500)
+    with gzip.open(tmp_path / "g.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts[:10])
+    cfg = SplitConfig(workers=2, chunk_bytes=4096)
+    stats = split_corpus([str(tmp_path / "*.*")], tmp_path / "out", cfg)
+    assert stats["documents"] == 3010 and stats["chunks"] > 3
+    rows = _rows(tmp_path / "out")
+    firsts = [(d, t) for d, i, t in rows if i == 0]
+    assert firsts[:2] == [
+        ("g.jsonl.gz#0", "Row 0 says hello. "),
+        ("g.jsonl.gz#1", "Row 1 says hello. "),
+    ]
+    assert firsts[10:] == [(f"p.parquet#{i}", f"Row {i} says hello. ") for i in range(3000)]
