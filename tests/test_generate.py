@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from glm.config import ModelConfig
 from glm.generate import GenerationConfig, fill_blank_ids, fill_blanks, next_tokens
 from glm.model import GLM
+from glm.tokenizer import Tokenizer
 
 PAD, CLS, MASK, SMASK, GMASK, SOP, EOP = range(7)
 SPECIALS = {"pad": PAD, "cls": CLS, "mask": MASK, "smask": SMASK, "gmask": GMASK}
@@ -16,34 +19,15 @@ BLANKS = (MASK, SMASK, GMASK)
 CFG = ModelConfig(vocab_size=40, n_layer=2, n_head=2, d_model=32, max_seq_len=64, max_block_len=16)
 
 
-class CharTokenizer:
-    """The tokenizer contract over single characters: enough to test text in, text out."""
-
-    alphabet = "abcdefghijklmnopqrstuvwxyz .,"
-    vocab_size = 7 + len(alphabet)
-    pad_id, cls_id, mask_id, smask_id, gmask_id, sop_id, eop_id = range(7)
-    special_ids = SPECIALS
-    blanks = {"[MASK]": MASK, "[sMASK]": SMASK, "[gMASK]": GMASK}
-
-    def encode_with_blanks(self, text: str) -> list[int]:
-        ids = []
-        while text:
-            blank = next((b for b in self.blanks if text.startswith(b)), None)
-            if blank:
-                ids.append(self.blanks[blank])
-                text = text[len(blank) :]
-            else:
-                ids.append(7 + self.alphabet.index(text[0]))
-                text = text[1:]
-        return ids
-
-    def decode(self, ids) -> str:
-        return "".join(self.alphabet[i - 7] for i in ids if i >= 7)
-
-
-def model(seed: int = 0) -> GLM:
+def model(seed: int = 0, vocab_size: int = CFG.vocab_size) -> GLM:
     torch.manual_seed(seed)
-    return GLM(ModelConfig(**{**CFG.__dict__, "vocab_size": CharTokenizer.vocab_size})).eval()
+    return GLM(replace(CFG, vocab_size=vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(data_stages) -> Tokenizer:
+    """The real sentencepiece tokenizer trained on the bundled corpus."""
+    return Tokenizer.load(data_stages.tokenizer)
 
 
 def scripted(m: GLM, script: list[int]) -> GLM:
@@ -118,23 +102,25 @@ def test_batched_equals_unbatched_under_greedy():
     assert [len(f) for f in batched] == [2, 1, 1, 0]
 
 
-def test_fill_blanks_returns_text_with_every_blank_replaced():
-    tok = CharTokenizer()
-    m = scripted(model(), [tok.encode_with_blanks("c")[0], EOP, *tok.encode_with_blanks("og"), EOP])
-    [out] = fill_blanks(m, tok, ["a [MASK]at and a d[sMASK]."], GenerationConfig(max_new_tokens=4))
+def test_fill_blanks_returns_text_with_every_blank_replaced(tok):
+    cat, dog = tok.encode("cat"), tok.encode("dog")
+    m = scripted(model(vocab_size=tok.vocab_size), [*cat, tok.eop_id, *dog, tok.eop_id])
+    cfg = GenerationConfig(max_new_tokens=4)
+    [out] = fill_blanks(m, tok, ["a [MASK] and a [sMASK]."], cfg)
     assert out == "a cat and a dog."
 
 
-def test_fill_blanks_output_has_no_specials_when_sampling():
-    tok = CharTokenizer()
-    texts = ["in the [MASK] was", "[gMASK]", "and [MASK] said [MASK]."]
+def test_fill_blanks_output_has_no_specials_when_sampling(tok):
+    texts = ["In the [MASK] was", "[gMASK]", "And [MASK] said [MASK].", "天[MASK]地"]
     cfg = GenerationConfig(max_new_tokens=5, temperature=1.5, top_k=10, top_p=0.9, seed=1)
-    out = fill_blanks(model(), tok, texts, cfg)
-    assert len(out) == 3
+    m = model(vocab_size=tok.vocab_size)
+    out = fill_blanks(m, tok, texts, cfg)
+    assert len(out) == len(texts)
+    specials = ("[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[PAD]", "[CLS]")
     for text, filled in zip(texts, out, strict=True):
-        assert "[" not in filled and "]" not in filled
+        assert not any(s in filled for s in specials)
         assert filled.startswith(text.split("[")[0])
-    assert out == fill_blanks(model(), tok, texts, cfg)  # reproducible by seed
+    assert out == fill_blanks(m, tok, texts, cfg)  # reproducible by seed
 
 
 def test_sampling_filters():
