@@ -288,6 +288,14 @@ def write_shards(
             raise InputError(
                 "no training documents: every document fell into validation", sentences_dir
             )
+        if stats["val"]["documents"] == 0:
+            # Evaluation and the champion gate need validation bytes: fail before training.
+            raise InputError(
+                f"no validation documents: none of the {stats['train']['documents']} documents "
+                f"has hash(doc id) % {cfg.val_modulus} == 0; the corpus is too small to "
+                "evaluate on (add documents or lower shard.val_modulus)",
+                sentences_dir,
+            )
         manifest = {
             "format_version": FORMAT_VERSION,
             "tokenizer_sha256": tok.sha256,
