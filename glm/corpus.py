@@ -448,7 +448,9 @@ def parquet_documents(
             yield Document(str(doc_id) if doc_id is not None else f"{file.rel}#{index}", text)
 
 
-def iter_documents(file: CorpusFile, opts: ReadOptions, counts: Counter | None = None):
+def iter_documents(
+    file: CorpusFile, opts: ReadOptions, counts: Counter | None = None
+) -> Iterator[Document]:
     """Every document of ``file`` in order (a whole-file read; the split stage uses chunks)."""
     counts = Counter() if counts is None else counts
     if file.kind == "txt":
