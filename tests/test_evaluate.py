@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,34 +26,19 @@ SPECIAL = SpecialIds(mask=1, smask=2, gmask=3, sop=4, eop=5)
 CFG = EvalConfig(device="cpu", threads=1, cloze_items=100, span_windows=16, greedy_spans=8)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shards:
-    manifest: Path
-    tokenizer: Path
-
-
 @pytest.fixture(scope="module")
-def shards(sample_corpus, tmp_path_factory) -> Shards:
-    """split -> tokenizer -> shards of the bundled sample corpus (about 2 s)."""
-    from glm.shards import ShardConfig, write_shards
-    from glm.split import SplitConfig, split_corpus
-    from glm.tokenizer import TokenizerConfig, train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    split_corpus([str(p) for p in sample_corpus], root / "sentences", SplitConfig(workers=1))
-    train_tokenizer(root / "sentences", root / "tokenizer", TokenizerConfig(num_threads=1))
-    write_shards(
-        root / "sentences", root / "tokenizer", root / "shards", ShardConfig(num_threads=1)
-    )
-    return Shards(root / "shards" / "manifest.json", root / "tokenizer")
-
-
-@pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory):
+def trained(data_stages, tmp_path_factory):
     """A tiny model trained on the bundled sample (its default 40-step budget)."""
     out = tmp_path_factory.mktemp("trained")
     before = torch.get_num_threads()
-    train(shards.manifest, shards.tokenizer, out, get_preset("tiny"), device="cpu", threads=1)
+    train(
+        data_stages.manifest,
+        data_stages.tokenizer,
+        out,
+        get_preset("tiny"),
+        device="cpu",
+        threads=1,
+    )
     torch.set_num_threads(before)
     return out / "final"
 
@@ -106,12 +89,12 @@ def test_xz_baseline_is_conditional_on_the_training_text():
     assert primed["xz_bpb"] < unrelated["xz_bpb"]
 
 
-def test_cloze_items_end_in_their_answer(shards):
+def test_cloze_items_end_in_their_answer(data_stages):
     from glm.shards import ShardReader
     from glm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(shards.tokenizer)
-    docs = list(ShardReader(shards.manifest).documents("val"))
+    tok = Tokenizer.load(data_stages.tokenizer)
+    docs = list(ShardReader(data_stages.manifest).documents("val"))
     items = build_cloze(tok, docs, seq_len=128, n_items=30, seed=0)
     assert len(items) >= 10
     for item in items:
@@ -119,9 +102,9 @@ def test_cloze_items_end_in_their_answer(shards):
         assert len(item.context) + len(item.answer) + 2 <= 128
 
 
-def test_evaluation_is_finite_reproducible_and_written(trained, shards, tmp_path):
-    first = evaluate(trained, shards.manifest, CFG, out_dir=tmp_path / "a")
-    second = evaluate(trained, shards.manifest, CFG, out_dir=tmp_path / "b")
+def test_evaluation_is_finite_reproducible_and_written(trained, data_stages, tmp_path):
+    first = evaluate(trained, data_stages.manifest, CFG, out_dir=tmp_path / "a")
+    second = evaluate(trained, data_stages.manifest, CFG, out_dir=tmp_path / "b")
     timing = {"eval_seconds", "xz_seconds"}
     assert {k: v for k, v in first.items() if k not in timing} == {
         k: v for k, v in second.items() if k not in timing
@@ -145,8 +128,8 @@ def test_evaluation_is_finite_reproducible_and_written(trained, shards, tmp_path
     assert (tmp_path / "a" / "samples.json").is_file()
 
 
-def test_eval_fault_hook(trained, shards, tmp_path, monkeypatch):
+def test_eval_fault_hook(trained, data_stages, tmp_path, monkeypatch):
     monkeypatch.setenv("GLM_FAULT", "fail@eval:1")
     with pytest.raises(InjectedFault):
-        evaluate(trained, shards.manifest, CFG, out_dir=tmp_path)
+        evaluate(trained, data_stages.manifest, CFG, out_dir=tmp_path)
     assert not (tmp_path / "eval.json").exists()

@@ -47,11 +47,11 @@ train(a["manifest"], a["tokenizer"], a["out"], preset, device="cpu", threads=1)
 """
 
 
-def run_subprocess(shards, out: Path, preset=TINY, env=None, torchrun: int = 0):
+def run_subprocess(data_stages, out: Path, preset=TINY, env=None, torchrun: int = 0):
     args = json.dumps(
         {
-            "manifest": str(shards.manifest),
-            "tokenizer": str(shards.tokenizer),
+            "manifest": str(data_stages.manifest),
+            "tokenizer": str(data_stages.tokenizer),
             "out": str(out),
             "preset": preset.to_dict(),
         }
@@ -72,28 +72,6 @@ def weights(out: Path) -> bytes:
     return (out / "final" / "model.safetensors").read_bytes()
 
 
-@dataclasses.dataclass(frozen=True)
-class Shards:
-    manifest: Path
-    tokenizer: Path
-
-
-@pytest.fixture(scope="module")
-def shards(sample_corpus, tmp_path_factory) -> Shards:
-    """split -> tokenizer -> shards of the bundled sample corpus (about 2 s)."""
-    from glm.shards import ShardConfig, write_shards
-    from glm.split import SplitConfig, split_corpus
-    from glm.tokenizer import TokenizerConfig, train_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    split_corpus([str(p) for p in sample_corpus], root / "sentences", SplitConfig(workers=1))
-    train_tokenizer(root / "sentences", root / "tokenizer", TokenizerConfig(num_threads=1))
-    write_shards(
-        root / "sentences", root / "tokenizer", root / "shards", ShardConfig(num_threads=1)
-    )
-    return Shards(root / "shards" / "manifest.json", root / "tokenizer")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Every run compared bit for bit uses one thread; it is also fastest on 2 shared cores."""
@@ -104,10 +82,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory) -> Path:
+def reference(data_stages, tmp_path_factory) -> Path:
     """An uninterrupted tiny run (in this process, one thread, like every run compared to it)."""
     out = tmp_path_factory.mktemp("reference")
-    train(shards.manifest, shards.tokenizer, out, TINY, device="cpu", threads=1)
+    train(data_stages.manifest, data_stages.tokenizer, out, TINY, device="cpu", threads=1)
     return out
 
 
@@ -125,11 +103,11 @@ def test_split_windows_cover_every_token_once_at_sentence_starts():
     assert windows == [(0, 9), (9, 19), (19, 29), (29, 33), (33, 40)]
 
 
-def test_stream_resumes_exactly_from_its_cursor(shards):
+def test_stream_resumes_exactly_from_its_cursor(data_stages):
     from glm.shards import ShardReader
     from glm.tokenizer import Tokenizer
 
-    reader, tok = ShardReader(shards.manifest), Tokenizer.load(shards.tokenizer)
+    reader, tok = ShardReader(data_stages.manifest), Tokenizer.load(data_stages.tokenizer)
     a = build_stream(reader, tok, TINY, Dist())
     batches = [a.next_batch() for _ in range(3)]
     b = build_stream(reader, tok, TINY, Dist())
@@ -144,11 +122,11 @@ def test_stream_resumes_exactly_from_its_cursor(shards):
         build_stream(reader, tok, TINY, Dist()).load_state_dict({**cursor, "seed": 1})
 
 
-def test_ranks_take_disjoint_slices_whose_union_is_the_single_process_batch(shards):
+def test_ranks_take_disjoint_slices_whose_union_is_the_single_process_batch(data_stages):
     from glm.shards import ShardReader
     from glm.tokenizer import Tokenizer
 
-    reader, tok = ShardReader(shards.manifest), Tokenizer.load(shards.tokenizer)
+    reader, tok = ShardReader(data_stages.manifest), Tokenizer.load(data_stages.tokenizer)
     half = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, batch_size=4))
     single = build_stream(reader, tok, TINY, Dist()).next_batch()["input_ids"]
     ranks = [build_stream(reader, tok, half, Dist(r, 2)).next_batch()["input_ids"] for r in (0, 1)]
@@ -160,12 +138,12 @@ def test_ranks_take_disjoint_slices_whose_union_is_the_single_process_batch(shar
 # learning -----------------------------------------------------------------------------------
 
 
-def test_tiny_model_overfits_one_batch(shards):
+def test_tiny_model_overfits_one_batch(data_stages):
     from glm.shards import ShardReader
     from glm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(shards.tokenizer)
-    stream = build_stream(ShardReader(shards.manifest), tok, TINY, Dist())
+    tok = Tokenizer.load(data_stages.tokenizer)
+    stream = build_stream(ShardReader(data_stages.manifest), tok, TINY, Dist())
     batch = stream.next_batch()
     torch.manual_seed(0)
     model = GLM(dataclasses.replace(TINY.model, vocab_size=tok.vocab_size))
@@ -201,17 +179,19 @@ def test_checkpoint_state_loads_with_weights_only(reference):
     )
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step(shards, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_before_the_optimizer_step(data_stages, tmp_path, monkeypatch):
     import glm.train as train_module
 
     real = train_module._forward_loss
     monkeypatch.setattr(train_module, "_forward_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(NonFiniteLossError, match="at step 1"):
-        train(shards.manifest, shards.tokenizer, tmp_path, TINY, device="cpu", threads=1)
+        train(data_stages.manifest, data_stages.tokenizer, tmp_path, TINY, device="cpu", threads=1)
 
 
-def test_time_budget_becomes_a_recorded_step_count(shards, tmp_path):
-    summary = train(shards.manifest, shards.tokenizer, tmp_path, TINY, "cpu", 1, time_budget_s=0.5)
+def test_time_budget_becomes_a_recorded_step_count(data_stages, tmp_path):
+    summary = train(
+        data_stages.manifest, data_stages.tokenizer, tmp_path, TINY, "cpu", 1, time_budget_s=0.5
+    )
     assert summary["steps"] == summary["max_steps"] >= 1
     assert summary["time_budget_s"] == 0.5
     state = torch.load(list_checkpoints(tmp_path)[-1] / "state.pt", weights_only=True)
@@ -226,33 +206,35 @@ def test_time_budget_becomes_a_recorded_step_count(shards, tmp_path):
     ["kill@step:7", "kill@step:27", "kill@ckpt-write:20"],
     ids=["before-1st", "between", "ckpt-write"],
 )
-def test_sigkill_then_resume_is_bit_identical(shards, reference, tmp_path, fault):
+def test_sigkill_then_resume_is_bit_identical(data_stages, reference, tmp_path, fault):
     out = tmp_path / "run"
-    killed = run_subprocess(shards, out, env={"GLM_FAULT": fault})
+    killed = run_subprocess(data_stages, out, env={"GLM_FAULT": fault})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (out / "final").exists()
-    train(shards.manifest, shards.tokenizer, out, TINY, device="cpu", threads=1)
+    train(data_stages.manifest, data_stages.tokenizer, out, TINY, device="cpu", threads=1)
     assert weights(out) == weights(reference)
     assert not list((out / "checkpoints").glob(".*"))  # the half-written one was cleaned up
 
 
-def test_fail_once_fails_the_first_attempt_only(shards, reference, tmp_path, monkeypatch):
+def test_fail_once_fails_the_first_attempt_only(data_stages, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("GLM_FAULT", "fail-once@step:30")
     with pytest.raises(InjectedFault):
-        train(shards.manifest, shards.tokenizer, tmp_path, TINY, device="cpu", threads=1)
-    train(shards.manifest, shards.tokenizer, tmp_path, TINY, device="cpu", threads=1)
+        train(data_stages.manifest, data_stages.tokenizer, tmp_path, TINY, device="cpu", threads=1)
+    train(data_stages.manifest, data_stages.tokenizer, tmp_path, TINY, device="cpu", threads=1)
     assert weights(tmp_path) == weights(reference)
 
 
-def test_sigterm_checkpoints_then_resume_matches_and_keep_last_prunes(shards, reference, tmp_path):
+def test_sigterm_checkpoints_then_resume_matches_and_keep_last_prunes(
+    data_stages, reference, tmp_path
+):
     def terminate_at_20(step, model):
         if step == 20:
             os.kill(os.getpid(), signal.SIGTERM)  # handled after step 21 completes
 
     with pytest.raises(TrainingInterrupted, match="step 21"):
         train(
-            shards.manifest,
-            shards.tokenizer,
+            data_stages.manifest,
+            data_stages.tokenizer,
             tmp_path,
             TINY,
             "cpu",
@@ -260,15 +242,19 @@ def test_sigterm_checkpoints_then_resume_matches_and_keep_last_prunes(shards, re
             on_checkpoint=terminate_at_20,
         )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000020", "step-00000021"]
-    summary = train(shards.manifest, shards.tokenizer, tmp_path, TINY, device="cpu", threads=1)
+    summary = train(
+        data_stages.manifest, data_stages.tokenizer, tmp_path, TINY, device="cpu", threads=1
+    )
     assert summary["resumed_from"].endswith("step-00000021")
     assert weights(tmp_path) == weights(reference)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000021", "step-00000040"]
 
 
-def test_missing_or_corrupt_checkpoint_is_an_integrity_error(shards, reference, tmp_path):
+def test_missing_or_corrupt_checkpoint_is_an_integrity_error(data_stages, reference, tmp_path):
     with pytest.raises(IntegrityError, match="no checkpoint"):
-        train(shards.manifest, shards.tokenizer, tmp_path / "empty", TINY, "cpu", 1, "must")
+        train(
+            data_stages.manifest, data_stages.tokenizer, tmp_path / "empty", TINY, "cpu", 1, "must"
+        )
 
     import shutil
 
@@ -277,21 +263,21 @@ def test_missing_or_corrupt_checkpoint_is_an_integrity_error(shards, reference, 
     latest = list_checkpoints(broken)[-1] / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:1000])  # truncated
     with pytest.raises(IntegrityError, match="model.safetensors"):
-        train(shards.manifest, shards.tokenizer, broken, TINY, device="cpu", threads=1)
+        train(data_stages.manifest, data_stages.tokenizer, broken, TINY, device="cpu", threads=1)
     (latest.parent / "checkpoint.json").unlink()
     with pytest.raises(IntegrityError, match="checkpoint.json"):
-        train(shards.manifest, shards.tokenizer, broken, TINY, device="cpu", threads=1)
+        train(data_stages.manifest, data_stages.tokenizer, broken, TINY, device="cpu", threads=1)
 
 
 # distributed --------------------------------------------------------------------------------
 
 
-def test_two_process_ddp_step_matches_one_process_on_the_combined_batch(shards, tmp_path):
+def test_two_process_ddp_step_matches_one_process_on_the_combined_batch(data_stages, tmp_path):
     two_steps = dataclasses.replace(TINY.train, max_steps=2, batch_size=8)
     single = dataclasses.replace(TINY, train=two_steps)
     per_rank = dataclasses.replace(TINY, train=dataclasses.replace(two_steps, batch_size=4))
-    train(shards.manifest, shards.tokenizer, tmp_path / "single", single, "cpu", 1)
-    ddp = run_subprocess(shards, tmp_path / "ddp", per_rank, torchrun=2)
+    train(data_stages.manifest, data_stages.tokenizer, tmp_path / "single", single, "cpu", 1)
+    ddp = run_subprocess(data_stages, tmp_path / "ddp", per_rank, torchrun=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = load_file(tmp_path / "single" / "final" / "model.safetensors")
     b = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
