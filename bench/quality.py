@@ -87,7 +87,7 @@ def plot(curve: list[dict], xz_bpb: float, path: Path, title: str) -> None:
     ax.set_xlabel("training minutes (evaluation excluded)")
     ax.set_ylabel("validation bits per byte")
     ax.set_title(title)
-    ax.set_ylim(bottom=max(0.0, min(p["val_bpb"] for p in curve) - 0.3))
+    ax.set_ylim(bottom=min(1.4, *(p["val_bpb"] for p in curve)) - 0.1)  # keep both references
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
