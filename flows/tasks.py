@@ -147,8 +147,19 @@ def register_task(request: dict) -> dict:
     tracking database gets the version back instead of a stale cache hit.
     """
     from flows.registry import register
+    from flows.workspace import redact_uri
 
-    return register(request, get_run_logger())
+    try:
+        return register(request, get_run_logger())
+    except (InputError, IntegrityError):
+        raise
+    except Exception as err:
+        # MLflow puts the tracking URI, password included, into its error messages; this
+        # message reaches Prefect's logs, the console and last_run.json.
+        message = redact_uri(str(err))
+        if message == str(err):
+            raise
+        raise RuntimeError(f"{type(err).__name__}: {message}") from None
 
 
 def preset_from_dict(d: dict):
