@@ -97,6 +97,13 @@ def plot(curve: list[dict], xz_bpb: float, path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="training wall-time budget")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="a fixed step budget instead of --minutes (for a shared, loaded machine, where a "
+        "timed probe would undercount)",
+    )
     parser.add_argument("--eval-every", type=float, default=3.0, help="minutes between evals")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=KJV)
@@ -118,7 +125,7 @@ def main() -> None:
     special = SpecialIds.from_tokenizer(tokenizer)
     seq_len = QUALITY.train.seq_len
 
-    tag = f"{args.minutes:g}min"
+    tag = f"{args.steps}steps" if args.steps else f"{args.minutes:g}min"
     run_dir = args.work / f"train-{tag}"
     curve: list[dict] = []
     clock = {"train_s": 0.0, "since": time.perf_counter(), "last_eval": -1e9}
@@ -138,15 +145,18 @@ def main() -> None:
             clock["last_eval"] = clock["train_s"]
         clock["since"] = time.perf_counter()
 
+    preset = dataclasses.replace(
+        QUALITY, train=dataclasses.replace(QUALITY.train, max_steps=args.steps or 1)
+    )
     summary = train(
         manifest,
         tokenizer_dir,
         run_dir,
-        QUALITY,
+        preset,
         device="cpu",
         threads=args.threads,
         resume="never",
-        time_budget_s=60 * args.minutes,
+        time_budget_s=None if args.steps else 60 * args.minutes,
         on_checkpoint=on_checkpoint,
     )
     # the full evaluation of the package; its bpb ends the curve unless the last callback did
@@ -162,7 +172,8 @@ def main() -> None:
 
     result = {
         "corpus": str(args.corpus),
-        "budget_minutes": args.minutes,
+        "budget_minutes": None if args.steps else args.minutes,
+        "budget_steps": args.steps,
         "train_minutes": round(clock["train_s"] / 60, 2),
         "preset": dataclasses.asdict(QUALITY.model)
         | {"name": QUALITY.name, "train": dataclasses.asdict(QUALITY.train)},
