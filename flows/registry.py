@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -220,7 +221,13 @@ def reevaluate(client, name: str, version: str, request: dict) -> float:
 def model_package(uri: str, dst: Path) -> Path:
     """Download a registered/logged model and return its glm package directory."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    return local / "artifacts" / "package"
+    return package_in_model_dir(local)
+
+
+def package_in_model_dir(model_dir: Path) -> Path:
+    """The glm package inside an MLflow model directory (its ``package`` artifact)."""
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    return model_dir / meta["flavors"]["python_function"]["artifacts"]["package"]["path"]
 
 
 def promote(workspace: str | Path, model_name: str, version: int, tracking_uri=None) -> str:

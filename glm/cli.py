@@ -289,7 +289,9 @@ def resolve_package(model: str, workspace: Path, tmp: Path) -> Path:
     if not path.exists():
         raise InputError("model directory does not exist", path)
     if (path / "MLmodel").is_file():
-        return path / "artifacts" / "package"
+        from flows.registry import package_in_model_dir
+
+        return package_in_model_dir(path)
     if (path / "config.json").is_file():
         return path
     if (path / "final" / "config.json").is_file():
@@ -374,7 +376,11 @@ def eval_(
     workspace: Workspace_ = Path("workspace"),
     debug: Debug = False,
 ) -> None:
-    """Score a model on a corpus: bits per byte, span and cloze accuracy, baselines."""
+    """Score a model on a corpus: bits per byte, span and cloze accuracy, baselines.
+
+    Half the documents (picked by a hash of their id) are scored; the other half is the
+    text the unigram and xz baselines are fitted on.
+    """
     ws = workspace.resolve()
     with _reported(ws, debug):
         from glm.corpus import resolve_corpus
@@ -388,7 +394,8 @@ def eval_(
             tmp = Path(tmp)
             package = resolve_package(model, ws, tmp)
             split_corpus(corpus, tmp / "sentences", SplitConfig())
-            write_shards(tmp / "sentences", package / "tokenizer", tmp / "shards", ShardConfig())
+            shard_cfg = ShardConfig(val_modulus=2)
+            write_shards(tmp / "sentences", package / "tokenizer", tmp / "shards", shard_cfg)
             metrics = evaluate(package, tmp / "shards" / "manifest.json", EvalConfig())
         typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 

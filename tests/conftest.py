@@ -17,6 +17,8 @@ os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_STATE / 'mlflow.db'}")
+# Stage logs (glm.*) and orchestration logs (flows.*) reach Prefect's run logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glm,flows")
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +58,17 @@ def data_stages(sample_corpus, tmp_path_factory) -> DataStages:
     return DataStages(
         root / "sentences", root / "tokenizer", root / "shards", root / "shards/manifest.json"
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """One Prefect test server for the whole session (each one costs ~25 s to start).
+
+    Yields its API URL: in-process flows use it through Prefect's settings, and CLI
+    subprocesses get it as PREFECT_API_URL so they do not start servers of their own.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield PREFECT_API_URL.value()

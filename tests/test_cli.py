@@ -1,0 +1,142 @@
+"""The CLI's contract with a user: one line per bad input, an exit code, no traceback.
+
+These run ``glm`` as a subprocess, as a user would, and need no trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GLM = str(Path(sys.executable).with_name("glm"))
+
+
+def glm(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    merged = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    merged.update(env or {})
+    return subprocess.run([GLM, *args], env=merged, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 2, no traceback anywhere, exactly one 'error:' line naming the needles."""
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_import_glm_does_not_import_orchestration():
+    code = "import sys, glm, glm.cli; print('prefect' in sys.modules, 'mlflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "False"], done.stderr
+
+
+def test_missing_corpus_path(tmp_path):
+    missing = tmp_path / "nope.txt"
+    done = glm("run", "--corpus", str(missing), "--workspace", str(tmp_path / "ws"))
+    assert_one_line_error(done, "nope.txt")
+    assert list((tmp_path / "ws" / "logs").glob("*.log")), "details go to WORKSPACE/logs/"
+    assert not (tmp_path / "ws" / "stages").exists()
+
+
+def test_unknown_extension(tmp_path):
+    odd = tmp_path / "corpus.docx"
+    odd.write_text("some text")
+    done = glm("run", "--corpus", str(odd), "--workspace", str(tmp_path / "ws"))
+    assert_one_line_error(done, "corpus.docx")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = glm("run", "--corpus", str(tmp_path / "nope.txt"), "--debug", "-w", str(tmp_path))
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--max-steps", "-5"], "max_steps"),
+        (["--preset", "huge"], "preset"),
+        (["--until", "deploy"], "until"),
+        (["--force", "everything"], "force"),
+    ],
+)
+def test_invalid_parameters_name_the_field(tmp_path, flags, field):
+    corpus = Path(__file__).resolve().parents[1] / "data" / "kjv-genesis.jsonl"
+    done = glm("run", "--corpus", str(corpus), "-w", str(tmp_path), *flags)
+    assert_one_line_error(done, "invalid parameter", field)
+
+
+def test_config_file_typo_names_the_setting(tmp_path):
+    config = tmp_path / "glm.yaml"
+    config.write_text("tokenizer:\n  vocab_sise: 900\n")
+    corpus = Path(__file__).resolve().parents[1] / "data" / "kjv-genesis.jsonl"
+    done = glm("run", "--corpus", str(corpus), "-w", str(tmp_path), "--config", str(config))
+    assert_one_line_error(done, "tokenizer", "vocab_sise")
+
+
+def test_bad_jsonl_inside_the_flow_is_one_line(tmp_path, prefect_api):
+    # Caught by the split task inside the running flow: Prefect's own failure logs (with
+    # their tracebacks) must stay off the console too.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "In the beginning."}\n{"text": oops}\n')
+    done = glm(
+        "run",
+        "--corpus",
+        str(bad),
+        "-w",
+        str(tmp_path / "ws"),
+        "--preset",
+        "tiny",
+        env={"PREFECT_API_URL": prefect_api},
+    )
+    assert_one_line_error(done, "bad.jsonl", "line 2")
+    assert "| ERROR" not in done.stderr
+    last = json.loads((tmp_path / "ws" / "last_run.json").read_text())
+    assert last["status"] == "failed" and "prefect flow-run retry" in last["retry"]
+    assert not list((tmp_path / "ws" / "stages").glob("split/*/stats.json"))
+
+
+def test_verify_reports_every_bad_file(tmp_path):
+    from glm.shards import ShardConfig, write_shards
+    from glm.split import SplitConfig, split_corpus
+    from glm.tokenizer import TokenizerConfig, train_tokenizer
+
+    ws = tmp_path / "ws"
+    corpus = str(Path(__file__).resolve().parents[1] / "data" / "zh-classics.jsonl")
+    split_corpus([corpus], ws / "stages/split/a", SplitConfig(workers=1))
+    train_tokenizer(
+        ws / "stages/split/a", ws / "stages/tokenizer/a", TokenizerConfig(vocab_size=3000)
+    )
+    write_shards(
+        ws / "stages/split/a", ws / "stages/tokenizer/a", ws / "stages/shard/a", ShardConfig()
+    )
+    done = glm("verify", str(ws))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    manifest = json.loads((ws / "stages/shard/a/manifest.json").read_text())
+    shard = ws / "stages/shard/a" / manifest["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    ckpt = ws / "stages/train/a/checkpoints/step-00000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"short")
+    (ckpt / "checkpoint.json").write_text(
+        json.dumps({"format": 1, "step": 10, "sha256": {"model.safetensors": "0" * 64}})
+    )
+    done = glm("verify", str(ws))
+    assert done.returncode == 1
+    bad = [line for line in done.stdout.splitlines() if line.startswith("bad:")]
+    assert len(bad) == 2, done.stdout
+    assert shard.name in bad[0] or shard.name in bad[1]
+    assert any("model.safetensors" in line for line in bad)
