@@ -173,6 +173,44 @@ def test_injected_training_failure_is_retried_and_resumes(prefect_api, ws, monke
     assert resumed.endswith("step-00000010")
 
 
+def test_failed_run_is_retried_with_the_prefect_cli(prefect_api, ws, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"tokenizer: {{vocab_size: 3000}}\neval: {json.dumps(EVAL)}\n")
+    cmd = [GLM, "run", "--corpus", str(ROOT / "data" / "*.jsonl"), "--workspace", str(ws)]
+    cmd += ["--preset", "tiny", "--max-steps", "5", "--seed", "31", "--retries", "0"]
+    env = cli_env(ws, prefect_api)
+    failed = subprocess.run(
+        [*cmd, "--config", str(config)],
+        env={**env, "GLM_FAULT": "fail@step:3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    last = json.loads((ws / "last_run.json").read_text())
+    assert last["status"] == "failed" and last["flow_run_id"] in last["retry"]
+
+    # The documented command, fault gone: the completed stages come from the cache.
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    entrypoint = "flows/pipeline.py:glm_pipeline"
+    retried = subprocess.run(
+        [prefect, "flow-run", "retry", last["flow_run_id"], "--entrypoint", entrypoint],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-3000:]
+    summary = json.loads((ws / "last_run.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["flow_run_id"] == last["flow_run_id"]
+    assert summary["stages"] == {
+        **dict.fromkeys(["split", "tokenizer", "shard"], "cached"),
+        **dict.fromkeys(["train", "evaluate", "register"], "ran"),
+    }
+
+
 def test_bad_input_is_not_retried(prefect_api, ws, tmp_path):
     from glm.errors import InputError
 
