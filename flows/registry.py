@@ -32,6 +32,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from flows.workspace import Workspace, file_lock
+from glm.faults import fault_point
 
 # MLflow's artifact progress bars would fill the console of every run.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -84,6 +85,7 @@ def register(request: dict, logger: logging.Logger | logging.LoggerAdapter) -> d
         if existing is None:
             _log_and_register(client, request, ws, logger)
             existing = find_version(client, name, digest)
+            fault_point("register", int(existing.version), ws.root)  # tests: glm/faults.py
         # Reached with a fresh version, or after a retry whose first attempt registered the
         # version but died before the gate: either way the gate has not run for it yet.
         alias, reason = champion_gate(client, request, existing.version, logger)
