@@ -67,8 +67,13 @@ def test_deployment_runs_on_a_process_worker(tmp_path):
 
         _prefect("work-pool", "create", "process", "--type", "process", env=env)
         _prefect("--no-prompt", "deploy", "--name", "glm-retrain", env=env)
-        info = _prefect("deployment", "inspect", "glm-pipeline/glm-retrain", env=env)
-        assert "0 2 * * *" in info and "'concurrency_limit': 1" in info.replace('"', "'")
+        url = f"{env['PREFECT_API_URL']}/deployments/name/glm-pipeline/glm-retrain"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            deployment = json.loads(response.read())
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+        limit = deployment.get("global_concurrency_limit") or {}
+        assert deployment.get("concurrency_limit") == 1 or limit.get("limit") == 1
+        assert deployment["work_pool_name"] == "process"
 
         ws = tmp_path / "ws"
         run_params = {
