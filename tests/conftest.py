@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glm,flows")
 
 @pytest.fixture(scope="session")
 def sample_corpus() -> list[Path]:
-    """The bundled real corpus: English (KJV Genesis) and Chinese (poems, sayings)."""
+    """The bundled real corpus: English (KJV Genesis, Exodus) and Chinese (poems, sayings)."""
     return sorted(DATA.glob("*.jsonl"))
 
 
