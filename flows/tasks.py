@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.workspace import Workspace, file_lock
+from glm.config import Preset
 from glm.errors import InputError, IntegrityError
 
 # The file each stage writes last: a directory without it is incomplete by definition.
@@ -124,7 +125,7 @@ def train_task(stage: dict, manifest_path: str, tokenizer_dir: str, preset: dict
     def build(out: Path) -> dict:
         if stage["force"] and out.exists():
             shutil.rmtree(out)
-        return train(manifest_path, tokenizer_dir, out, preset_from_dict(preset), device=device)
+        return train(manifest_path, tokenizer_dir, out, Preset.from_dict(preset), device=device)
 
     return _run_stage(stage, build)
 
@@ -160,15 +161,3 @@ def register_task(request: dict) -> dict:
         if message == str(err):
             raise
         raise RuntimeError(f"{type(err).__name__}: {message}") from None
-
-
-def preset_from_dict(d: dict):
-    """Rebuild a ``Preset`` from ``Preset.to_dict()`` (tasks take plain JSON)."""
-    from glm.config import ModelConfig, ObjectiveConfig, Preset, TrainConfig
-
-    return Preset(
-        d["name"],
-        ModelConfig(**d["model"]),
-        TrainConfig(**d["train"]),
-        ObjectiveConfig(**d["objective"]),
-    )

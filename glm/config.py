@@ -109,6 +109,16 @@ class Preset:
     train: TrainConfig
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Preset:
+        """Rebuild a preset from ``to_dict()`` output (tasks and subprocesses pass JSON)."""
+        return cls(
+            data["name"],
+            from_dict(ModelConfig, data["model"]),
+            from_dict(TrainConfig, data["train"]),
+            from_dict(ObjectiveConfig, data["objective"]),
+        )
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,

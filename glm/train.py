@@ -740,3 +740,41 @@ def _peak_flops(device: torch.device) -> float:
                 break
         best = max(best, 2 * n**3 * reps / elapsed)
     return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line for one training run, the entry point under ``torchrun``::
+
+        torchrun --standalone --nproc-per-node 8 -m glm.train \\
+            --manifest WS/stages/shard/KEY/manifest.json --tokenizer WS/stages/tokenizer/KEY \\
+            --out runs/base --preset base --device cuda
+
+    ``--preset`` is a preset name or a JSON file holding ``Preset.to_dict()`` output.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m glm.train", description=main.__doc__)
+    parser.add_argument("--manifest", required=True, help="shard manifest.json")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer stage directory")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, final/)")
+    parser.add_argument("--preset", default="small", help="preset name or JSON file")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the step budget")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    parser.add_argument("--resume", default="auto", choices=["auto", "must", "never"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    if args.preset.endswith(".json"):
+        preset = Preset.from_dict(json.loads(Path(args.preset).read_text()))
+    else:
+        preset = get_preset(args.preset)
+    if args.max_steps is not None:
+        preset = dataclasses.replace(
+            preset, train=dataclasses.replace(preset.train, max_steps=args.max_steps)
+        )
+    train(args.manifest, args.tokenizer, args.out, preset, args.device, args.threads, args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -34,38 +34,22 @@ from glm.train import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY = get_preset("tiny")  # 40 steps, checkpoints at 20 and 40, keep_last 2
 
-# Runs a training in a fresh interpreter: the way a killed or distributed run really starts.
-RUNNER = """
-import json, sys
-from glm.config import ModelConfig, ObjectiveConfig, Preset, TrainConfig
-from glm.train import train
-a = json.loads(sys.argv[1])
-p = a["preset"]
-preset = Preset(p["name"], ModelConfig(**p["model"]), TrainConfig(**p["train"]),
-                ObjectiveConfig(**p["objective"]))
-train(a["manifest"], a["tokenizer"], a["out"], preset, device="cpu", threads=1)
-"""
+# A training in a fresh interpreter through the module's command line (``python -m glm.train``,
+# the torchrun entry point): the way a killed or distributed run really starts.
 
 
 def run_subprocess(data_stages, out: Path, preset=TINY, env=None, torchrun: int = 0):
-    args = json.dumps(
-        {
-            "manifest": str(data_stages.manifest),
-            "tokenizer": str(data_stages.tokenizer),
-            "out": str(out),
-            "preset": preset.to_dict(),
-        }
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preset_file = out.parent / f"{out.name}-preset.json"
+    preset_file.write_text(json.dumps(preset.to_dict()))
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
-        script = out.parent / "runner.py"
-        script.write_text(RUNNER)
-        cmd = [*launcher, str(script), args]
-    else:
-        cmd = [*launcher, "-c", RUNNER, args]
+    cmd = [*launcher, "-m", "glm.train", "--manifest", str(data_stages.manifest)]
+    cmd += ["--tokenizer", str(data_stages.tokenizer), "--out", str(out)]
+    cmd += ["--preset", str(preset_file), "--device", "cpu", "--threads", "1"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
 def weights(out: Path) -> bytes:
