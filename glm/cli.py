@@ -53,10 +53,13 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on the con
 
 class _ConsoleQuiet(logging.Filter):
     """Keeps errors (and the tracebacks Prefect formats into them) off the console: the CLI
-    prints its own one-line error, the log file keeps everything."""
+    prints its own one-line error, the log file keeps everything. Prefect's INFO lines that
+    announce a failed state repeat that error, so they stay in the file too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        if record.levelno >= logging.ERROR:
+            return False
+        return not record.getMessage().startswith("Finished in state Failed")
 
 
 def _log_file(workspace: Path) -> Path:
@@ -183,7 +186,8 @@ def run_pipeline(params, debug: bool = False) -> dict:
         workspace.last_run,
         {"status": "failed", "error": str(error), "flow_run_id": flow_run_id, "retry": retry},
     )
-    log.info("flow run %s failed; completed stages stay cached. Retry: %s", flow_run_id, retry)
+    if not isinstance(error, InputError):  # running again cannot fix bad input
+        log.info("flow run %s failed; completed stages stay cached. Retry: %s", flow_run_id, retry)
     if isinstance(error, BaseException):
         raise error
     raise RuntimeError(f"flow run {flow_run_id} ended {state.name}")

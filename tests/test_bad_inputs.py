@@ -650,12 +650,6 @@ def test_cli_error_inside_the_flow_is_one_line(kind, prefect_api, tmp_path):
     assert "Traceback" in logged, "the details go to WORKSPACE/logs/"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Prefect's INFO line 'Finished in state Failed(... InputError: ...)' repeats the "
-    "error on the console, and a bad input is offered a `prefect flow-run retry` command "
-    "that cannot fix it; the console filter in glm/cli.py lets both through",
-)
 def test_cli_error_inside_the_flow_is_said_once(prefect_api, tmp_path):
     case = _by_kind("malformed JSONL line")
     (tmp_path / "in").mkdir()
