@@ -270,7 +270,7 @@ def test_pyfunc_loads_by_alias_in_a_fresh_process(prefect_api, ws, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     filled = json.loads(done.stdout.strip().splitlines()[-1])
@@ -286,7 +286,7 @@ def test_cli_fill_and_promote(prefect_api, ws):
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "->" in done.stdout and "[MASK]" not in done.stdout.split("->")[1]
@@ -297,7 +297,7 @@ def test_cli_fill_and_promote(prefect_api, ws):
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert champion_version(ws) == 1

@@ -263,7 +263,7 @@ def test_shell_metacharacters_in_a_corpus_path_are_just_a_missing_file(tmp_path)
         env=_cli_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {spec}: path does not exist"]
