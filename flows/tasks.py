@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.workspace import Workspace, file_lock
+from glm.atomic import remove_stale_temps
 from glm.config import Preset
 from glm.errors import InputError, IntegrityError
 
@@ -64,6 +65,8 @@ def _run_stage(stage: dict, build: Callable[[Path], dict]) -> dict:
         if is_complete(name, out_dir) and not stage["force"]:
             logger.info("%s: reusing complete output %s", name, out_dir)
             return {**_identity(stage), "reused": True}
+        if removed := remove_stale_temps(out_dir):
+            logger.info("%s: removed %d partial output(s) of a killed run", name, removed)
         summary = build(out_dir)
     logger.info("%s: wrote %s", name, out_dir)
     # Round-trip through JSON: the result is persisted with Prefect's JSON serializer.

@@ -33,6 +33,29 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _temp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}."
+
+
+def remove_stale_temps(out_dir: str | Path) -> int:
+    """Delete temporary directories that a killed ``atomic_dir(out_dir)`` left behind.
+
+    Call it only while holding the lock that serialises builders of ``out_dir``: a temp dir
+    of a build still in progress looks the same. Returns the number removed.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return 0
+    stale = [
+        p
+        for p in out_dir.parent.iterdir()
+        if p.is_dir() and p.name.startswith(_temp_prefix(out_dir)) and p.name.endswith(".tmp")
+    ]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it into place on success.
@@ -43,7 +66,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
         if out_dir.exists():
