@@ -175,8 +175,8 @@ def main() -> None:
         "budget_minutes": None if args.steps else args.minutes,
         "budget_steps": args.steps,
         "train_minutes": round(clock["train_s"] / 60, 2),
-        "preset": dataclasses.asdict(QUALITY.model)
-        | {"name": QUALITY.name, "train": dataclasses.asdict(QUALITY.train)},
+        "preset": dataclasses.asdict(preset.model)
+        | {"name": preset.name, "train": dataclasses.asdict(preset.train)},
         "objective_mix": dataclasses.asdict(QUALITY.objective),
         "vocab_size": tokenizer.vocab_size,
         "params": summary["params"],
