@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.workspace import Workspace, file_lock
 from glm.atomic import remove_stale_temps
 from glm.config import Preset
-from glm.errors import InputError, IntegrityError
+from glm.errors import InputError, IntegrityError, Interrupted
 
 # The file each stage writes last: a directory without it is incomplete by definition.
 COMPLETE_MARKER = {
@@ -45,9 +45,10 @@ def stage_cache_key(context, parameters: dict) -> str:
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Retry condition: running again cannot fix bad input or a corrupt artifact."""
+    """Retry condition: running again cannot fix bad input or a corrupt artifact, and a
+    SIGTERM'd training asked to stop (it checkpointed first; a rerun resumes)."""
     exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, InputError | IntegrityError)
+    return not isinstance(exc, InputError | IntegrityError | Interrupted)
 
 
 def is_complete(stage: str, out_dir: str | Path) -> bool:

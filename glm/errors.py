@@ -23,3 +23,10 @@ class InputError(Exception):
 
 class IntegrityError(Exception):
     """A stored artifact (shard, checkpoint, manifest) is missing, truncated or corrupt."""
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM) and saved its state first: resume by rerunning.
+
+    Never retried automatically: the signal was a request to stop, not a transient fault.
+    """

@@ -73,7 +73,7 @@ from glm.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from glm.config import ModelConfig, Preset, get_preset
 from glm.data import SampleStream
 from glm.digest import sha256_file
-from glm.errors import InputError, IntegrityError
+from glm.errors import InputError, IntegrityError, Interrupted
 from glm.faults import InjectedFault as InjectedFault  # re-exported: raised by fault_point
 from glm.faults import fault_point
 
@@ -87,7 +87,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; raised before the optimizer step that would use it."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(Interrupted):
     """SIGTERM arrived; a checkpoint of the last completed step was written first."""
 
 

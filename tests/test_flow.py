@@ -351,3 +351,22 @@ def test_rest_serving_answers_on_localhost(prefect_api, ws, tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        ("InputError", False),  # bad input: running again cannot fix it
+        ("IntegrityError", False),  # a corrupt artifact: same
+        ("TrainingInterrupted", False),  # SIGTERM asked the run to stop; a rerun resumes
+        ("RuntimeError", True),  # anything else may be transient
+    ],
+)
+def test_retry_condition(error, retried):
+    from prefect.states import Failed
+
+    from flows.tasks import retry_unless_bad_input
+    from glm import errors, train
+
+    exc = getattr(errors, error, None) or getattr(train, error, None) or RuntimeError
+    assert retry_unless_bad_input(None, None, Failed(data=exc("x"))) is retried
