@@ -203,7 +203,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("stages", "  ".join(f"{k}:{v}" for k, v in summary["stages"].items()))
     m = summary.get("metrics") or {}
     if "val_bpb" in m:
-        table.add_row("val bits/byte", f"{m['val_bpb']:.4f}  (xz: {m.get('xz_bpb', 'n/a')})")
+        xz = f"{m['xz_bpb']:.4f}" if isinstance(m.get("xz_bpb"), float) else "n/a"
+        table.add_row("val bits/byte", f"{m['val_bpb']:.4f}  (xz conditional: {xz})")
     if "cloze_acc" in m:
         table.add_row(
             "cloze accuracy",
