@@ -256,10 +256,12 @@ def run(
 ) -> None:
     """Run the pipeline: split, tokenizer, shard, train, evaluate, register."""
     with _reported(workspace.resolve(), debug):
+        # Absolute paths in the flow's parameters: `prefect flow-run retry` may run from
+        # another directory and must find the same corpus and workspace.
         params = _params(
             config,
-            corpus=corpus,
-            workspace=str(workspace),
+            corpus=[os.path.abspath(os.path.expanduser(c)) for c in corpus] if corpus else corpus,
+            workspace=str(workspace.expanduser().resolve()),
             preset=preset,
             max_steps=max_steps,
             seed=seed,
