@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import stat
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -168,6 +169,8 @@ def _add(found: dict[Path, CorpusFile], path: Path, root: Path, explicit: bool) 
         log.info("skipping %s: not a corpus file (%s)", path, ", ".join(SUFFIXES))
         return
     st = _stat(path)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise InputError("not a regular file (a pipe, socket or device?)", path)
     resolved = path.resolve()
     if resolved in found:
         return

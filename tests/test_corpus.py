@@ -220,3 +220,12 @@ def test_decode_error_policies(tmp_path, kind):
 def test_invalid_options():
     with pytest.raises(InputError, match="on_decode_error must be one of error, replace, skip"):
         ReadOptions(on_decode_error="ignore")
+
+
+def test_a_fifo_in_a_corpus_directory_is_refused_not_read(tmp_path):
+    """Opening a FIFO blocks until a writer appears: it must be refused before any read."""
+    (tmp_path / "ok.txt").write_text("Some text.\n")
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(InputError, match="not a regular file") as err:
+        resolve_corpus([str(tmp_path)])
+    assert "pipe.txt" in str(err.value)
