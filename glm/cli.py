@@ -95,7 +95,10 @@ def _prefect_env(workspace: Path) -> None:
     """Prefect and MLflow state in the workspace, never in ~; set before Prefect is imported."""
     os.environ.setdefault("PREFECT_HOME", str(workspace / "prefect"))
     # Prefect creates its home without parents and its server then fails to open the DB.
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the workspace: {e.strerror}", workspace) from None
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "glm,flows")
@@ -109,10 +112,13 @@ def _fail(message: str, code: int, workspace: Path | None) -> typer.Exit:
     detail = traceback.format_exc()
     if workspace is not None:
         path = _log_file(workspace)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(f"error: {message}\n{detail}\n")
-        log.debug("traceback written to %s", path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"error: {message}\n{detail}\n")
+            log.debug("traceback written to %s", path)
+        except OSError:  # the workspace itself is the problem; the console line says so
+            pass
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
@@ -160,6 +166,10 @@ def run_pipeline(params, debug: bool = False) -> dict:
     from glm.corpus import resolve_corpus
 
     ws = Path(params.workspace).expanduser().resolve()
+    try:
+        ws.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the workspace: {e.strerror}", ws) from None
     resolve_corpus(params.corpus)  # fail fast on a missing/unknown/binary file
     _prefect_env(ws)
     from flows.pipeline import glm_pipeline

@@ -140,3 +140,14 @@ def test_verify_reports_every_bad_file(tmp_path):
     assert len(bad) == 2, done.stdout
     assert shard.name in bad[0] or shard.name in bad[1]
     assert any("model.safetensors" in line for line in bad)
+
+
+def test_a_workspace_that_cannot_be_created_is_one_line(tmp_path):
+    corpus = Path(__file__).resolve().parents[1] / "data" / "kjv-genesis.jsonl"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    done = glm("run", "--corpus", str(corpus), "--workspace", str(blocker))
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {blocker}: cannot create the workspace: ")
+    assert "Traceback" not in done.stdout + done.stderr
