@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -229,11 +230,16 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _ignore_ctrl_c() -> None:
+    """Pool workers leave Ctrl-C to the parent, which stops the pool (no worker tracebacks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_map(fn, tasks: list, workers: int) -> list:
     """``map`` in order, in a process pool when there is more than one task and worker."""
     if workers <= 1 or len(tasks) <= 1:
         return [fn(t) for t in tasks]
-    with _mp_context().Pool(min(workers, len(tasks))) as pool:
+    with _mp_context().Pool(min(workers, len(tasks)), _ignore_ctrl_c) as pool:
         return pool.map(fn, tasks, chunksize=1)
 
 

@@ -88,7 +88,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingInterrupted(Interrupted):
-    """SIGTERM arrived; a checkpoint of the last completed step was written first."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint of the last completed step was written first."""
 
 
 # schedule and optimizer ---------------------------------------------------------------------
@@ -148,10 +148,14 @@ def resolve_device(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; an explicit cuda without a GPU is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, not {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda requested but torch sees no CUDA device")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device} requested but torch sees no CUDA device")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise InputError(f"device {device}: torch sees {torch.cuda.device_count()} GPU(s)")
     return torch.device(device)
 
 
@@ -181,24 +185,31 @@ def _barrier(ctx: Dist) -> None:
         dist.barrier()
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+class _StopFlag:
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each step
+    (main thread only). A second Ctrl-C interrupts at once, as Python's default does."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
+        self.signal: str | None = None
+        self._previous: dict = {}
 
-    def __enter__(self) -> _SigtermFlag:
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: stopping after this step (checkpoint first); again to abort")
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # RNG state as plain types -------------------------------------------------------------------
@@ -508,7 +519,8 @@ def train(
         torch.set_num_threads(threads)
     ctx = _init_distributed(dev)
     if dev.type == "cuda":
-        dev = torch.device("cuda", ctx.local_rank)
+        # under torchrun each rank takes its local GPU; alone, the one asked for (default 0)
+        dev = torch.device("cuda", ctx.local_rank if ctx.world_size > 1 else dev.index or 0)
         torch.cuda.set_device(dev)
     t_start = time.perf_counter()
 
@@ -614,7 +626,7 @@ def train(
     model.train()
     bar = tqdm(total=max_steps, initial=step, disable=None if ctx.is_main else True, unit="step")
     t_window, tokens_window = time.perf_counter(), 0
-    with _SigtermFlag() as sigterm, bar:
+    with _StopFlag() as asked_to_stop, bar:
         while step < max_steps:
             # gather this step's micro-batches
             micro = [stream.next_batch() for _ in range(cfg.grad_accum)]
@@ -664,13 +676,15 @@ def train(
                     )
                 t_window, tokens_window = time.perf_counter(), 0
 
-            # checkpoint on schedule, on SIGTERM (agreed by every rank) and at the end
-            stop = _all_reduce(torch.tensor([int(sigterm.raised)]), ctx).item() > 0
+            # checkpoint on schedule, on a stop signal (agreed by every rank) and at the end
+            stopping = asked_to_stop.signal is not None
+            stop = _all_reduce(torch.tensor([int(stopping)]), ctx).item() > 0
             if step % cfg.ckpt_every == 0 or step == max_steps or stop:
                 write_checkpoint()
             if stop:
                 raise TrainingInterrupted(
-                    f"SIGTERM at step {step}; checkpoint written to {out_dir / 'checkpoints'}"
+                    f"{asked_to_stop.signal or 'a stop signal on another rank'} at step {step}; "
+                    f"checkpoint written to {out_dir / 'checkpoints'}"
                 )
 
     # final package, metrics, summary last

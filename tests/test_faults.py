@@ -14,6 +14,7 @@ Two runs at once on one workspace are tested in tests/test_flow.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -298,6 +299,47 @@ def test_sigkill_during_registration_takes_prefects_server_down_too(reference, t
     assert [int(v.version) for v in versions] == [1]
     assert summary["model"]["alias"] == "champion"
     assert "first version" in summary["model"]["gate_reason"]
+
+
+def flow_run_states(prefect_home: Path) -> list[str]:
+    """The state of every flow run in a Prefect home's database (read directly)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(prefect_home / "prefect.db")) as db:
+        return [row[0] for row in db.execute("SELECT state_type FROM flow_run")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ("ctrl-c@step:7", "interrupted: SIGINT at step 7; checkpoint written to "),
+        ("ctrl-c@eval:1", "interrupted (Ctrl-C); "),
+    ],
+)
+def test_ctrl_c_stops_the_run_and_the_same_command_resumes(fault, said, reference, tmp_path):
+    # A terminal's Ctrl-C reaches the whole process group, Prefect's temporary server
+    # included. The run stops at once with exit 130 and one line, the server lives long
+    # enough to record the run's end (no run is left "RUNNING"), nothing outlives the run,
+    # and the same command then finishes with the uninterrupted run's weights.
+    ws = tmp_path / "ws"
+    seed_data_stages(reference.ws, ws)
+    stopped = glm_run(ws, api=None, fault=fault)
+    assert stopped.returncode == 130, stopped.stdout[-4000:]
+    errors = [line for line in stopped.stdout.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {said}"), stopped.stdout[-4000:]
+    assert errors[0].endswith("run the same command again to resume")
+    assert "Traceback" not in stopped.stdout and "ConnectError" not in stopped.stdout
+    assert flow_run_states(ws / "prefect") in (["FAILED"], ["CRASHED"])
+    assert processes_with_home(ws / "prefect") == [], "Prefect's server outlived the run"
+    assert_nothing_half_written(ws)
+
+    summary = assert_ok(glm_run(ws, api=None))
+    assert final_weights(ws) == reference.weights
+    train = json.loads((stage_dir(ws, "train") / "train.json").read_text())
+    if "step" in fault:
+        assert train["resumed_from"].endswith("step-00000007")
+    assert summary["model"]["version"] == 1 and summary["model"]["alias"] == "champion"
 
 
 # lost state between runs --------------------------------------------------------------------
