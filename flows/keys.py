@@ -27,6 +27,16 @@ STAGE_MODULES = {
 }
 
 
+# The file each stage writes last: a directory without it is incomplete by definition.
+COMPLETE_MARKER = {
+    "split": "stats.json",
+    "tokenizer": "tokenizer.json",
+    "shard": "manifest.json",
+    "train": "train.json",
+    "evaluate": "eval.json",
+}
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """Keys and configs for one run, computed before any stage runs."""

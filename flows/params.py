@@ -78,6 +78,19 @@ class PipelineParams(BaseModel):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return name
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {device!r}")
+        return device
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, specs: Any) -> Any:
+        # `corpus: data/bible.txt` in a config file means the one-item list
+        return [specs] if isinstance(specs, str) else specs
+
     @field_validator("corpus")
     @classmethod
     def _no_blank_paths(cls, specs: list[str]) -> list[str]:
@@ -134,7 +147,7 @@ class PipelineParams(BaseModel):
 
 
 def _strip_class(err: Exception) -> str:
-    # from_dict says "TokenizerConfig: unknown field(s) ['x']"; __post_init__ says
+    # from_dict says "TokenizerConfig: x: unknown setting; known: ..."; __post_init__ says
     # "vocab_size: must be positive". Either way the section prefix names the table.
     msg = str(err)
     return re.sub(r"^[A-Z]\w*Config: ", "", msg) if msg else type(err).__name__

@@ -8,7 +8,7 @@ run ends with WORKSPACE/last_run.json. ``glm run`` is the CLI for it; prefect.ya
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from flows.keys import plan_stages
 from flows.params import PipelineParams
@@ -31,7 +31,10 @@ from glm.corpus import resolve_corpus
 def glm_pipeline(params: PipelineParams) -> dict:
     """Train, evaluate and register a GLM on ``params.corpus``; returns the run summary."""
     ws = Workspace.at(params.workspace)
-    plan = plan_stages(params, resolve_corpus(params.corpus))
+    files = resolve_corpus(params.corpus)
+    size_mb = sum(f.size for f in files) / 1e6
+    get_run_logger().info("corpus: %d files, %.1f MB; workspace %s", len(files), size_mb, ws.root)
+    plan = plan_stages(params, files)
     stages, cfg = StageRunner(params, plan, ws), plan.configs
 
     split = stages.run("split", split_task, corpus=plan.corpus_specs, cfg=cfg["split"])

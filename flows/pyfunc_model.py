@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 
@@ -31,6 +33,12 @@ def _as_texts(model_input) -> list[str]:
 class GLMFillModel(PythonModel):
     """Fills ``[MASK]``, ``[sMASK]`` and ``[gMASK]`` blanks with a GLM model package."""
 
+    # The signature is explicit at logging time (strings in, strings out, generation settings
+    # as params; pyfunc_signature in registry.py). MLflow's type-hint validation would
+    # duplicate it and, without hints, warns on every load: the class opts out, as MLflow's
+    # own ChatModel does.
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from glm.package import load_package
 
@@ -38,18 +46,23 @@ class GLMFillModel(PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None) -> list[str]:
+        from glm.errors import InputError
         from glm.generate import GenerationConfig, fill_blanks
 
         # The signature's params are GenerationConfig's fields (its defaults are the schema's).
         known = {f.name for f in dataclasses.fields(GenerationConfig)}
         defaults = GenerationConfig()
-        cfg = GenerationConfig(
-            **{
-                name: type(getattr(defaults, name))(value)
-                for name, value in (params or {}).items()
-                if name in known
-            }
-        )
+        try:
+            cfg = GenerationConfig(
+                **{
+                    name: type(getattr(defaults, name))(value)
+                    for name, value in (params or {}).items()
+                    if name in known
+                }
+            )
+        except (TypeError, ValueError, InputError) as err:
+            # a caller's mistake: a 400 that says which setting, not a server stack trace
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         return fill_blanks(self.model, self.tokenizer, _as_texts(model_input), cfg)
 
 

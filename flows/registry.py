@@ -32,6 +32,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
 from flows.workspace import Workspace, file_lock
+from glm.errors import InputError
 from glm.faults import fault_point
 
 # MLflow's artifact progress bars would fill the console of every run.
@@ -45,12 +46,27 @@ _RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "sentencepiece", "safetensors",
 DIGEST_TAG = "glm_digest"
 
 
-def open_registry(workspace: str | Path, tracking_uri: str | None = None) -> MlflowClient:
-    """Point MLflow at the workspace's sqlite file (or the given/env URI) and return a client."""
-    uri = Workspace.at(workspace).tracking_uri(tracking_uri)
+def open_registry(
+    workspace: str | Path, tracking_uri: str | None = None, must_exist: bool = False
+) -> MlflowClient:
+    """Point MLflow at the workspace's sqlite file (or the given/env URI) and return a client.
+
+    ``must_exist``: readers (fill, eval, promote) refuse a workspace without a registry
+    instead of creating an empty one.
+    """
+    ws = Workspace.at(workspace)
+    uri = ws.tracking_uri(tracking_uri)
+    if must_exist:
+        require_registry(ws, tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)
+
+
+def require_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
+    """Refuse a workspace whose default sqlite registry was never created."""
+    if ws.tracking_uri(tracking_uri) == f"sqlite:///{ws.mlflow_db}" and not ws.mlflow_db.is_file():
+        raise InputError("no model registry here (no mlflow.db): run `glm run` first", ws.root)
 
 
 def ensure_experiment(client: MlflowClient, name: str, workspace: Workspace) -> str:
@@ -222,8 +238,15 @@ def reevaluate(client, name: str, version: str, request: dict) -> float:
 
 def model_package(uri: str, dst: Path) -> Path:
     """Download a registered/logged model and return its glm package directory."""
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except MlflowException as err:
+        raise InputError(_first_line(err.message), uri) from None
     return package_in_model_dir(local)
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "not found"
 
 
 def package_in_model_dir(model_dir: Path) -> Path:
@@ -235,9 +258,13 @@ def package_in_model_dir(model_dir: Path) -> Path:
 def promote(workspace: str | Path, model_name: str, version: int, tracking_uri=None) -> str:
     """Move ``champion`` to ``version`` by hand (a rollback); returns the previous champion."""
     ws = Workspace.at(workspace)
+    require_registry(ws, tracking_uri)
     with file_lock(ws.lock_path("registry"), "the model registry lock"):
         client = open_registry(ws.root, tracking_uri)
-        client.get_model_version(model_name, str(version))  # fails loudly if it is missing
+        try:
+            client.get_model_version(model_name, str(version))
+        except MlflowException as err:
+            raise InputError(f"{model_name} v{version}: {_first_line(err.message)}") from None
         try:
             previous = client.get_model_version_by_alias(model_name, "champion").version
         except MlflowException:

@@ -22,19 +22,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from flows.keys import COMPLETE_MARKER
 from flows.workspace import Workspace, file_lock
 from glm.atomic import remove_stale_temps
 from glm.config import Preset
 from glm.errors import InputError, IntegrityError, Interrupted
-
-# The file each stage writes last: a directory without it is incomplete by definition.
-COMPLETE_MARKER = {
-    "split": "stats.json",
-    "tokenizer": "tokenizer.json",
-    "shard": "manifest.json",
-    "train": "train.json",
-    "evaluate": "eval.json",
-}
 
 
 def stage_cache_key(context, parameters: dict) -> str:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import traceback
@@ -22,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from glm.errors import InputError, IntegrityError
+from glm.errors import InputError, IntegrityError, Interrupted
 
 log = logging.getLogger("glm.cli")
 
@@ -41,6 +42,8 @@ DEMO_TEXTS = [
     "床前明月光，疑是地上[MASK]。",
     "春眠不觉晓，处处闻[MASK]。",
 ]
+
+RESUME = "finished stages stay cached: run the same command again to resume"
 
 Workspace_ = Annotated[
     Path, typer.Option("--workspace", "-w", help="Directory holding all pipeline state.")
@@ -110,7 +113,7 @@ def _prefect_env(workspace: Path) -> None:
 def _fail(message: str, code: int, workspace: Path | None) -> typer.Exit:
     """Print one line, keep the traceback in the workspace log, return the exit to raise."""
     detail = traceback.format_exc()
-    if workspace is not None:
+    if workspace is not None and workspace.is_dir():  # never create a workspace to say so
         path = _log_file(workspace)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,9 +135,15 @@ def _reported(workspace: Path | None, debug: bool) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise _fail(f"interrupted (Ctrl-C); {RESUME}", 130, workspace) from None
     except Exception as err:
         if debug:
             raise
+        if isinstance(err, Interrupted):
+            raise _fail(f"interrupted: {err}; {RESUME}", 130, workspace) from None
         if isinstance(err, InputError):
             raise _fail(str(err), 2, workspace) from None
         if isinstance(err, ValidationError):
@@ -170,13 +179,14 @@ def run_pipeline(params, debug: bool = False) -> dict:
         ws.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"cannot create the workspace: {e.strerror}", ws) from None
-    resolve_corpus(params.corpus)  # fail fast on a missing/unknown/binary file
+    preflight(params, resolve_corpus(params.corpus), ws)
     _prefect_env(ws)
     from flows.pipeline import glm_pipeline
     from flows.workspace import Workspace, file_lock
 
     log_path = _setup_logging(ws, debug)
     log.info("full log: %s", log_path)
+    _start_prefect_server()
     workspace = Workspace.at(ws)
     # One run per workspace at a time: Prefect's ephemeral server and MLflow's sqlite file
     # are shared, and a second run can only gain from the first one's cached stages.
@@ -201,6 +211,46 @@ def run_pipeline(params, debug: bool = False) -> dict:
     if isinstance(error, BaseException):
         raise error
     raise RuntimeError(f"flow run {flow_run_id} ended {state.name}")
+
+
+def _start_prefect_server() -> None:
+    """Start Prefect's temporary API server now (unless PREFECT_API_URL names one), deaf to
+    Ctrl-C.
+
+    It is Prefect's own ephemeral server, which the flow would start anyway and which stops
+    at exit as usual. The child inherits a blocked SIGINT, so a Ctrl-C in the terminal
+    stops this run, which then still has a server to report its state to; SIGTERM and
+    SIGKILL stop the server as before.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def preflight(params, files: list, ws: Path) -> None:
+    """Refuse bad input before Prefect starts: every corpus record (unless this exact corpus
+    already passed the split stage) and the training device."""
+    from flows.keys import COMPLETE_MARKER, plan_stages
+    from flows.workspace import STAGES, Workspace
+    from glm.shards import check_corpus
+
+    plan = plan_stages(params, files)
+    split_dir = Workspace.at(ws).stage_dir("split", plan.keys["split"])
+    reaches = STAGES[: STAGES.index(params.until) + 1]
+    if params.forced("split") or not (split_dir / COMPLETE_MARKER["split"]).is_file():
+        val_modulus = params.stage_config("shard").val_modulus if "shard" in reaches else None
+        check_corpus(files, params.stage_config("split"), val_modulus)
+    if "train" in reaches:
+        from glm.train import resolve_device
+
+        resolve_device(params.device)
 
 
 def print_summary(summary: dict) -> None:
@@ -300,7 +350,7 @@ def resolve_package(model: str, workspace: Path, tmp: Path) -> Path:
     if "://" in model or model.startswith(("models:/", "runs:/")):
         from flows.registry import model_package, open_registry
 
-        open_registry(workspace)
+        open_registry(workspace, must_exist=True)
         return model_package(model, tmp / "download")
     path = Path(model).expanduser()
     if not path.exists():
@@ -360,16 +410,18 @@ def verify_checkpoint(ckpt: Path) -> list[str]:
 
 @app.command()
 def fill(
-    texts: Annotated[list[str], typer.Argument(help="Texts with [MASK]/[sMASK]/[gMASK] blanks.")],
+    texts: Annotated[
+        list[str], typer.Argument(help="Texts with \\[MASK], \\[sMASK] or \\[gMASK] blanks.")
+    ],
     model: Annotated[str, typer.Option(help="models:/glm@champion or a model directory.")] = (
         "models:/glm@champion"
     ),
     workspace: Workspace_ = Path("workspace"),
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per blank.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     debug: Debug = False,
 ) -> None:
     """Fill the blanks of each TEXT with a trained model."""
@@ -406,8 +458,8 @@ def eval_(
         from glm.split import SplitConfig, split_corpus
 
         resolve_corpus(corpus)
-        ws.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=ws, prefix=".eval-") as tmp:
+        # scratch space next to the workspace's data when there is one; never create one
+        with tempfile.TemporaryDirectory(dir=ws if ws.is_dir() else None, prefix=".eval-") as tmp:
             tmp = Path(tmp)
             package = resolve_package(model, ws, tmp)
             split_corpus(corpus, tmp / "sentences", SplitConfig())

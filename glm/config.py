@@ -165,5 +165,6 @@ def from_dict(cls, data: dict):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}")
+        names, choices = ", ".join(unknown), ", ".join(sorted(known))
+        raise ValueError(f"{cls.__name__}: {names}: unknown setting; known: {choices}")
     return cls(**data)

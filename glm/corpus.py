@@ -232,7 +232,7 @@ def resolve_corpus(specs: list[str]) -> list[CorpusFile]:
         else:
             _add(found, path, path.parent, explicit=True)
     files = list(found.values())
-    log.info("corpus: %d files, %.1f MB", len(files), sum(f.size for f in files) / 1e6)
+    log.debug("corpus: %d files, %.1f MB", len(files), sum(f.size for f in files) / 1e6)
     return files
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from glm.errors import InputError
 from glm.model import GLM
 
 
@@ -34,13 +35,13 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens: must be >= 1")
+            raise InputError("generation setting max_new_tokens: must be >= 1")
         if self.temperature < 0:
-            raise ValueError("temperature: must be >= 0 (0 is greedy)")
+            raise InputError("generation setting temperature: must be >= 0 (0 is greedy)")
         if self.top_k < 0:
-            raise ValueError("top_k: must be >= 0 (0 disables it)")
+            raise InputError("generation setting top_k: must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p: must be in (0, 1]")
+            raise InputError("generation setting top_p: must be in (0, 1]")
 
 
 def next_tokens(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator) -> Tensor:

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from glm.atomic import atomic_dir, write_json_atomic
+from glm.corpus import CorpusFile, ReadOptions, iter_documents
 from glm.digest import sha256_file
 from glm.errors import InputError, IntegrityError
 from glm.faults import fault_point
@@ -85,6 +86,38 @@ class Document:
 def is_validation(doc_id: str, val_modulus: int = 20) -> bool:
     """Whether a document belongs to the validation split (stable as the corpus grows)."""
     return int(hashlib.sha256(doc_id.encode()).hexdigest(), 16) % val_modulus == 0
+
+
+def check_corpus(files: list[CorpusFile], opts: ReadOptions, val_modulus: int | None) -> dict:
+    """Read every document once, as the split and shard stages will, and fail now.
+
+    The first malformed record, a corpus without text, and a corpus whose documents all fall
+    on one side of the validation rule (unless ``val_modulus`` is None) raise ``InputError``
+    with the messages the stages give, so a run can refuse its input before it starts
+    anything. Returns the counts.
+    """
+    counts = {"documents": 0, "val": 0}
+    for file in files:
+        for doc in iter_documents(file, opts):
+            counts["documents"] += 1
+            counts["val"] += val_modulus is not None and is_validation(doc.doc_id, val_modulus)
+    where = files[0].path if len(files) == 1 else f"{len(files)} files"
+    if counts["documents"] == 0:
+        raise InputError(
+            f"corpus has no text: {len(files)} file(s), every document empty or whitespace", where
+        )
+    if val_modulus is None:
+        return counts
+    if counts["val"] == counts["documents"]:
+        raise InputError("no training documents: every document fell into validation", where)
+    if counts["val"] == 0:
+        raise InputError(
+            f"no validation documents: none of the {counts['documents']} documents has "
+            f"hash(doc id) % {val_modulus} == 0; the corpus is too small to evaluate on "
+            "(add documents or lower shard.val_modulus)",
+            where,
+        )
+    return counts
 
 
 class _ShardWriter:

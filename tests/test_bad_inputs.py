@@ -288,6 +288,24 @@ def test_error_through_the_flow(case: Bad, prefect_api, tmp_path):
     assert _stage_outputs(ws) == []
 
 
+@pytest.mark.parametrize("case", ERRORS, ids=str)
+def test_preflight_finds_it_before_any_stage(case: Bad, tmp_path):
+    # `glm run` reads the corpus once before Prefect starts: the same one line, no output
+    from glm.corpus import resolve_corpus
+    from glm.errors import InputError
+    from glm.shards import check_corpus
+    from glm.split import SplitConfig
+
+    (tmp_path / "in").mkdir()
+    spec = case.make(tmp_path / "in")
+    with pytest.raises(InputError) as info:
+        check_corpus(resolve_corpus([spec]), SplitConfig(), val_modulus=20)
+    err = info.value
+    assert case.what in str(err) and case.file in (err.path or ""), str(err)
+    if case.where:
+        assert (err.where or "").startswith(case.where), str(err)
+
+
 def test_the_catalogue_is_complete():
     # issue #5: at least 25 kinds of bad or odd input, each with its exact outcome
     assert len(ERRORS) + len(HANDLED) >= 25
@@ -309,11 +327,18 @@ BAD_PARAMETERS = [
     ({"corpus": []}, "corpus"),
     ({"corpus": ["  "]}, "empty corpus path"),
     ({"tokenizer": {"vocab_size": 10}}, "tokenizer.vocab_size must be >= 300"),
-    ({"tokenizer": {"vocab_sise": 900}}, "tokenizer."),
+    ({"tokenizer": {"vocab_sise": 900}}, "tokenizer.vocab_sise: unknown setting; known: "),
     ({"split": {"workers": -1}}, "split.workers must be >= 0"),
     ({"train": {"batch_size": 0}}, "train."),
     ({"shard": {"val_modulus": 1}}, "shard.val_modulus must be >= 2"),
+    ({"device": "tpu"}, "device: must be auto, cpu, cuda or cuda:N, not 'tpu'"),
 ]
+
+
+def test_a_single_corpus_path_needs_no_list():
+    from flows.params import PipelineParams
+
+    assert PipelineParams.model_validate({"corpus": "data/a.txt"}).corpus == ["data/a.txt"]
 
 
 @pytest.mark.parametrize(("overrides", "named"), BAD_PARAMETERS, ids=lambda v: str(v))
@@ -609,62 +634,91 @@ def _by_kind(kind: str) -> Bad:
 
 @pytest.mark.parametrize(
     "kind",
-    ["symlink loop", "UTF-16 with a byte order mark", "binary file (PNG named .txt)"],
+    [
+        "symlink loop",
+        "UTF-16 with a byte order mark",
+        "binary file (PNG named .txt)",
+        "invalid UTF-8 deep in a multi-chunk .txt",
+        "truncated gzip",
+        "malformed JSONL line",
+        "empty file",
+    ],
 )
 def test_cli_preflight_error_is_the_only_line(kind, tmp_path):
-    # caught before Prefect starts: stderr is exactly the one line, stdout is empty
+    # refused before Prefect starts: stderr is exactly the one line, stdout is empty, and
+    # neither Prefect's home nor any stage output was created
     case = _by_kind(kind)
-    spec = case.make(tmp_path)
-    done = _cli(["run", "--corpus", spec, "-w", str(tmp_path / "ws"), "--until", "split"])
+    (tmp_path / "in").mkdir()
+    spec = case.make(tmp_path / "in")
+    ws = tmp_path / "ws"
+    done = _cli(["run", "--corpus", spec, "-w", str(ws), "--until", "split"])
     assert done.returncode == 2
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert case.what in lines[0] and case.file in lines[0]
     assert case.where is None or case.where in lines[0]
     assert done.stdout == ""
-    assert _stage_outputs(tmp_path / "ws") == []
-
-
-@pytest.mark.parametrize("kind", ["invalid UTF-8 deep in a multi-chunk .txt", "truncated gzip"])
-def test_cli_error_inside_the_flow_is_one_line(kind, prefect_api, tmp_path):
-    # found by the split task: Prefect's own failure logs and tracebacks stay off the console
-    # (a malformed JSONL line: tests/test_cli.py::test_bad_jsonl_inside_the_flow_is_one_line)
-    case = _by_kind(kind)
-    (tmp_path / "in").mkdir()
-    spec = case.make(tmp_path / "in")
-    ws = tmp_path / "ws"
-    done = _cli(
-        ["run", "--corpus", spec, "-w", str(ws), "--until", "split"],
-        env={"PREFECT_API_URL": prefect_api},
-    )
-    out = done.stdout + done.stderr
-    assert done.returncode == 2, out
-    assert "Traceback" not in out and "| ERROR" not in out
-    errors = [line for line in out.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: "), errors
-    assert case.what in errors[0] and case.file in errors[0], errors[0]
-    assert case.where is None or case.where in errors[0]
-    assert _stage_outputs(ws) == []
-    assert json.loads((ws / "last_run.json").read_text())["status"] == "failed"
+    assert _stage_outputs(ws) == [] and not (ws / "prefect").exists()
     logged = "".join(p.read_text() for p in (ws / "logs").glob("*.log"))
     assert "Traceback" in logged, "the details go to WORKSPACE/logs/"
 
 
-def test_cli_error_inside_the_flow_is_said_once(prefect_api, tmp_path):
-    case = _by_kind("malformed JSONL line")
-    (tmp_path / "in").mkdir()
-    spec = case.make(tmp_path / "in")
+def test_cli_refuses_a_corpus_without_validation_before_prefect(tmp_path):
+    corpus = tmp_path / "train-only.jsonl"
+    rows = [{"id": i, "text": f"Sentence number {i} of a corpus."} for i in _ids(5, val=False)]
+    corpus.write_bytes(_jsonl(*rows))
+    ws = tmp_path / "ws"
+    done = _cli(["run", "--corpus", str(corpus), "-w", str(ws), "--until", "shard"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {corpus}: no validation documents: none of the 5 documents has hash(doc id) "
+        "% 20 == 0; the corpus is too small to evaluate on (add documents or lower "
+        "shard.val_modulus)"
+    ]
+    assert not (ws / "prefect").exists()
+    # the split alone does not need validation documents
     done = _cli(
-        ["run", "--corpus", spec, "-w", str(tmp_path / "ws"), "--until", "split"],
-        env={"PREFECT_API_URL": prefect_api},
+        ["run", "--corpus", str(corpus), "-w", str(ws), "--until", "split", "--retries", "0"]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cli_refuses_cuda_without_a_gpu_before_prefect(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ws = tmp_path / "ws"
+    done = _cli(["run", "--corpus", str(ROOT / "data"), "-w", str(ws), "--device", "cuda"])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: device cuda requested but torch sees no CUDA device"
+    ]
+    assert not (ws / "prefect").exists()
+
+
+def test_cli_failure_inside_the_flow_is_said_once(prefect_api, tmp_path):
+    # A failure only the running flow can meet (here an injected one in the split stage):
+    # one error line, Prefect's failure logs and tracebacks stay in WORKSPACE/logs/, and
+    # the retry command is offered because running again can help.
+    (tmp_path / "in").mkdir()
+    spec = _write(tmp_path / "in" / "ok.txt", "In the beginning was the word.\n")
+    ws = tmp_path / "ws"
+    done = _cli(
+        ["run", "--corpus", spec, "-w", str(ws), "--until", "split", "--retries", "0"],
+        env={"PREFECT_API_URL": prefect_api, "GLM_FAULT": "fail@split:1"},
     )
     out = done.stdout + done.stderr
-    assert done.returncode == 2, out
-    assert [line for line in out.splitlines() if case.what in line] == [
-        f"error: {spec}:line 3: {case.what}: Expecting property name enclosed in double quotes "
-        "at column 14"
-    ]
-    assert "flow-run retry" not in out
+    assert done.returncode == 1, out
+    assert "Traceback" not in out and "| ERROR" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert errors == ["error: InjectedFault: injected fault 'fail@split:1'"], out
+    assert "prefect flow-run retry" in out
+    assert _stage_outputs(ws) == []
+    last = json.loads((ws / "last_run.json").read_text())
+    assert last["status"] == "failed" and "prefect flow-run retry" in last["retry"]
+    logged = "".join(p.read_text() for p in (ws / "logs").glob("*.log"))
+    assert "Traceback" in logged, "the details go to WORKSPACE/logs/"
 
 
 def test_cli_handled_inputs_run_and_are_counted(prefect_api, tmp_path):

@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 
 GLM = str(Path(sys.executable).with_name("glm"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def glm(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     merged = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     merged.update(env or {})
-    return subprocess.run([GLM, *args], env=merged, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [GLM, *args], env=merged, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
@@ -84,26 +87,47 @@ def test_config_file_typo_names_the_setting(tmp_path):
     assert_one_line_error(done, "tokenizer", "vocab_sise")
 
 
-def test_bad_jsonl_inside_the_flow_is_one_line(tmp_path, prefect_api):
-    # Caught by the split task inside the running flow: Prefect's own failure logs (with
-    # their tracebacks) must stay off the console too.
+def test_bad_jsonl_is_refused_before_prefect_starts(tmp_path):
+    # Every record is read before the flow starts: a bad one costs a second, not a Prefect
+    # server start, and leaves no Prefect home, no stage output and no last_run.json.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "In the beginning."}\n{"text": oops}\n')
-    done = glm(
-        "run",
-        "--corpus",
-        str(bad),
-        "-w",
-        str(tmp_path / "ws"),
-        "--preset",
-        "tiny",
-        env={"PREFECT_API_URL": prefect_api},
-    )
+    ws = tmp_path / "ws"
+    done = glm("run", "--corpus", str(bad), "-w", str(ws), "--preset", "tiny")
     assert_one_line_error(done, "bad.jsonl", "line 2")
-    assert "| ERROR" not in done.stderr
-    last = json.loads((tmp_path / "ws" / "last_run.json").read_text())
-    assert last["status"] == "failed" and "prefect flow-run retry" in last["retry"]
-    assert not list((tmp_path / "ws" / "stages").glob("split/*/stats.json"))
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1
+    assert not (ws / "prefect").exists() and not (ws / "stages").exists()
+    assert not (ws / "last_run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fill", "In the [MASK]."],
+        ["promote", "3"],
+        ["eval", "--model", "models:/glm@champion", "--corpus", "data/kjv-genesis.jsonl"],
+    ],
+    ids=["fill", "promote", "eval"],
+)
+def test_readers_refuse_a_workspace_without_a_registry_and_create_nothing(tmp_path, args):
+    ws = tmp_path / "never-made"
+    done = glm(*args, "-w", str(ws))
+    line = assert_one_line_error(done, "no model registry here", str(ws))
+    assert "run `glm run` first" in line
+    assert not ws.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [
+        ("--top-p", "2", "top_p"),
+        ("--temperature", "-1", "temperature"),
+        ("--max-new-tokens", "0", "max_new_tokens"),
+    ],
+)
+def test_fill_names_a_bad_generation_setting(tmp_path, flag, value, named):
+    done = glm("fill", "In the [MASK].", "-w", str(tmp_path), flag, value)
+    assert_one_line_error(done, f"generation setting {named}")
 
 
 def test_verify_reports_every_bad_file(tmp_path):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -303,6 +304,18 @@ def test_cli_fill_and_promote(prefect_api, ws):
     assert champion_version(ws) == 1
     client(ws).set_registered_model_alias("glm", "champion", str(current))
 
+    # a version or an alias that does not exist: one line naming it, exit 2
+    for args, named in (
+        (["promote", "99"], "glm v99"),
+        (["fill", QUESTION, "--model", "models:/glm@nosuch"], "models:/glm@nosuch"),
+    ):
+        done = subprocess.run(
+            [GLM, *args, "--workspace", str(ws)], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: {named}") and "Traceback" not in done.stderr
+    assert champion_version(ws) == current
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -347,6 +360,17 @@ def test_rest_serving_answers_on_localhost(prefect_api, ws, tmp_path):
         assert list(answer) == ["predictions"]
         assert len(answer["predictions"]) == 1
         assert "[MASK]" not in answer["predictions"][0]
+
+        # a bad generation setting is the caller's mistake: 400, the setting named, no trace
+        bad = json.dumps({"inputs": [QUESTION], "params": {"top_p": 5.0}}).encode()
+        request = urllib.request.Request(
+            request.full_url, data=bad, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        assert info.value.code == 400
+        body = json.loads(info.value.read())
+        assert "top_p" in body["message"] and "stack_trace" not in body
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
@@ -370,3 +394,15 @@ def test_retry_condition(error, retried):
 
     exc = getattr(errors, error, None) or getattr(train, error, None) or RuntimeError
     assert retry_unless_bad_input(None, None, Failed(data=exc("x"))) is retried
+
+
+def test_the_pyfunc_loads_without_mlflow_type_hint_warnings():
+    # a service loading models:/glm@champion should see no advice meant for model authors
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", "import flows.pyfunc_model"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "type hint" not in done.stderr.lower(), done.stderr

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from glm.config import ModelConfig
+from glm.errors import InputError
 from glm.generate import GenerationConfig, fill_blank_ids, fill_blanks, next_tokens
 from glm.model import GLM
 from glm.tokenizer import Tokenizer
@@ -132,5 +133,5 @@ def test_sampling_filters():
     picks = {next_tokens(logits, GenerationConfig(temperature=1.0, top_p=0.5), gen).item()}
     picks |= {next_tokens(logits, GenerationConfig(temperature=1.0, top_p=0.5), gen).item()}
     assert picks == {2}
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(InputError, match="generation setting top_p"):
         GenerationConfig(top_p=0.0)
