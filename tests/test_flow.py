@@ -65,9 +65,11 @@ def run(ws: Path, **overrides) -> dict:
 
 
 def client(ws: Path):
+    """The workspace's registry, named explicitly: the environment's MLFLOW_TRACKING_URI
+    (conftest's, or whatever an earlier in-process run set) must not decide it."""
     from flows.registry import open_registry
 
-    return open_registry(ws)
+    return open_registry(ws, f"sqlite:///{ws / 'mlflow.db'}")
 
 
 def champion_version(ws: Path) -> int:
