@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
         raw["data"], err, walls["data"] = run_script("data.py", [str(corpus)], 40 * 60)
         rows += data_rows(raw["data"], err)
     if "train" not in args.skip:
-        steps = ["--steps", "2", "--warmup", "1"] if args.quick else ["--steps", "5"]
+        steps = ["--steps", "2", "--warmup", "1"] if args.quick else ["--steps", "15"]
         train_args = ["--preset", args.train_preset, *steps]
         raw["train"], err, walls["train"] = run_script("train.py", train_args, 15 * 60)
         rows += train_rows(raw["train"], err)

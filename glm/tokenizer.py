@@ -227,12 +227,21 @@ class Tokenizer:
         return self.sp.encode(list(texts), num_threads=num_threads or os.cpu_count() or 1)
 
     def encode_with_blanks(self, text: str) -> list[int]:
-        """Like ``encode``, but ``[MASK]``, ``[sMASK]`` and ``[gMASK]`` become their ids."""
+        """Like ``encode``, but ``[MASK]``, ``[sMASK]`` and ``[gMASK]`` become their ids.
+
+        The space before a blank goes with the blank, as it does in training: a masked word
+        takes its leading ``▁`` with it, so "the [MASK] and" is ``▁the [MASK] ▁and``, never
+        ``▁the ▁ [MASK]`` (a lone ``▁`` before a blank is something the model never saw).
+        """
+        parts = _BLANK_RE.split(text)
         ids: list[int] = []
-        for part in _BLANK_RE.split(text):
+        for i, part in enumerate(parts):
             if part in BLANK_TOKENS:
                 ids.append(self.special_ids[part])
-            elif part:
+                continue
+            if i + 1 < len(parts) and parts[i + 1] in BLANK_TOKENS and part.endswith(" "):
+                part = part[:-1]
+            if part:
                 ids.extend(self.sp.encode(part))
         return ids
 

@@ -279,7 +279,7 @@ def test_pyfunc_loads_by_alias_in_a_fresh_process(prefect_api, ws, tmp_path):
     filled = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(filled) == 2
     assert all(isinstance(t, str) and "[MASK]" not in t for t in filled)
-    assert filled[0].startswith("In the beginning God created the ")
+    assert filled[0].startswith("In the beginning God created the")
 
 
 def test_cli_fill_and_promote(prefect_api, ws):

@@ -104,7 +104,8 @@ def test_batched_equals_unbatched_under_greedy():
 
 
 def test_fill_blanks_returns_text_with_every_blank_replaced(tok):
-    cat, dog = tok.encode("cat"), tok.encode("dog")
+    # a trained model fills "a [MASK]" with "▁cat": the space before a blank is the span's
+    cat, dog = tok.encode(" cat"), tok.encode(" dog")
     m = scripted(model(vocab_size=tok.vocab_size), [*cat, tok.eop_id, *dog, tok.eop_id])
     cfg = GenerationConfig(max_new_tokens=4)
     [out] = fill_blanks(m, tok, ["a [MASK] and a [sMASK]."], cfg)
@@ -120,7 +121,7 @@ def test_fill_blanks_output_has_no_specials_when_sampling(tok):
     specials = ("[MASK]", "[sMASK]", "[gMASK]", "<sop>", "<eop>", "[PAD]", "[CLS]")
     for text, filled in zip(texts, out, strict=True):
         assert not any(s in filled for s in specials)
-        assert filled.startswith(text.split("[")[0])
+        assert filled.startswith(text.split("[")[0].rstrip(" "))
     assert out == fill_blanks(m, tok, texts, cfg)  # reproducible by seed
 
 
