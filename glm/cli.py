@@ -186,11 +186,11 @@ def run_pipeline(params, debug: bool = False) -> dict:
 
     log_path = _setup_logging(ws, debug)
     log.info("full log: %s", log_path)
-    _start_prefect_server()
     workspace = Workspace.at(ws)
     # One run per workspace at a time: Prefect's ephemeral server and MLflow's sqlite file
     # are shared, and a second run can only gain from the first one's cached stages.
     with file_lock(workspace.lock_path("run"), "another glm run on this workspace"):
+        _start_prefect_server()
         state = glm_pipeline(params, return_state=True)
     if state.is_completed():
         return state.result()

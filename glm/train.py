@@ -197,7 +197,11 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                # an ignored SIGINT (a shell's background job) stays ignored
+                if s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN:
+                    continue
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:

@@ -39,6 +39,10 @@ CONFIG = (
     "eval: {cloze_items: 20, span_windows: 4, greedy_spans: 2}\n"
 )
 DATA_STAGES = ("split", "tokenizer", "shard")
+FOREGROUND = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 MARKERS = {
     "split": "stats.json",
     "tokenizer": "tokenizer.json",
@@ -69,7 +73,10 @@ def glm_run(
         env["PREFECT_API_URL"] = api
     if fault:
         env["GLM_FAULT"] = fault
-    cmd = [GLM, "run", "--corpus", CORPUS, "-w", str(ws), "--preset", "tiny"]
+    # As a terminal starts it: SIGINT at its default even when this test runs as a shell's
+    # background job (which starts with SIGINT ignored, and Python keeps it ignored).
+    cmd = [sys.executable, "-c", FOREGROUND, GLM]
+    cmd += ["run", "--corpus", CORPUS, "-w", str(ws), "--preset", "tiny"]
     cmd += ["--max-steps", str(STEPS), "--config", str(config), "--until", until, *args]
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +277,24 @@ def test_two_process_ddp_step_matches_one_process_on_the_combined_batch(data_sta
     torch.manual_seed(TINY.train.seed)
     init = GLM(dataclasses.replace(TINY.model, vocab_size=a["wte.weight"].shape[0]))
     assert not torch.equal(init.wte.weight, a["wte.weight"])
+
+
+def test_stop_flag_takes_sigterm_and_ctrl_c_but_leaves_an_ignored_sigint_ignored():
+    from glm.train import _StopFlag
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a shell's background job
+    try:
+        with _StopFlag():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _StopFlag() as flag:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C only asks to stop
+            time.sleep(0.01)
+            assert flag.signal == "SIGINT"
+            with pytest.raises(KeyboardInterrupt):  # the second aborts
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.01)
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
