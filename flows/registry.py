@@ -65,7 +65,10 @@ def open_registry(
 
 def require_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
     """Refuse a workspace whose default sqlite registry was never created."""
-    if ws.tracking_uri(tracking_uri) == f"sqlite:///{ws.mlflow_db}" and not ws.mlflow_db.is_file():
+    db = ws.mlflow_db
+    if ws.tracking_uri(tracking_uri) == f"sqlite:///{db}" and (
+        not db.is_file() or db.stat().st_size == 0
+    ):
         raise InputError("no model registry here (no mlflow.db): run `glm run` first", ws.root)
 
 

@@ -8,6 +8,7 @@ unless ``--debug``; the full details go to WORKSPACE/logs/.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import json
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,10 +137,11 @@ def _reported(workspace: Path | None, debug: bool) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        raise _fail(f"interrupted (Ctrl-C); {RESUME}", 130, workspace) from None
+        what = "SIGTERM" if str(err) == "SIGTERM" else "Ctrl-C"
+        raise _fail(f"interrupted ({what}); {RESUME}", 130, workspace) from None
     except Exception as err:
         if debug:
             raise
@@ -189,6 +192,8 @@ def run_pipeline(params, debug: bool = False) -> dict:
     workspace = Workspace.at(ws)
     # One run per workspace at a time: Prefect's ephemeral server and MLflow's sqlite file
     # are shared, and a second run can only gain from the first one's cached stages.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_interrupts)
     with file_lock(workspace.lock_path("run"), "another glm run on this workspace"):
         _start_prefect_server()
         state = glm_pipeline(params, return_state=True)
@@ -196,7 +201,8 @@ def run_pipeline(params, debug: bool = False) -> dict:
         return state.result()
     flow_run_id = str(state.state_details.flow_run_id)
     retry = (
-        f"PREFECT_HOME={os.environ['PREFECT_HOME']} prefect flow-run retry {flow_run_id} "
+        f"PREFECT_HOME={os.environ['PREFECT_HOME']} {Path(sys.executable).with_name('prefect')} "
+        f"flow-run retry {flow_run_id} "
         f"--entrypoint {REPO / 'flows' / 'pipeline.py'}:glm_pipeline"
     )
     from glm.atomic import write_json_atomic
@@ -215,23 +221,39 @@ def run_pipeline(params, debug: bool = False) -> dict:
 
 def _start_prefect_server() -> None:
     """Start Prefect's temporary API server now (unless PREFECT_API_URL names one), deaf to
-    Ctrl-C.
+    Ctrl-C and SIGTERM.
 
-    It is Prefect's own ephemeral server, which the flow would start anyway and which stops
-    at exit as usual. The child inherits a blocked SIGINT, so a Ctrl-C in the terminal
-    stops this run, which then still has a server to report its state to; SIGTERM and
-    SIGKILL stop the server as before.
+    It is Prefect's own ephemeral server, which the flow would start anyway. The child
+    inherits a blocked SIGINT and SIGTERM, so a Ctrl-C in the terminal, or a SIGTERM sent to
+    the whole process group (systemd does), stops this run, which then still has a server
+    to report its state to. This process kills the server when it exits; a SIGKILL of the
+    group takes it down as before.
     """
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    server = SubprocessASGIServer()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        SubprocessASGIServer().start()
+        server.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    # Registered after Prefect's own stop, so it runs first: Prefect's SIGTERM would wait 5 s.
+    atexit.register(_kill_server, server)
+
+
+def _kill_server(server) -> None:
+    process = server.server_process
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _sigterm_interrupts(signum, frame) -> None:
+    """SIGTERM outside training (which checkpoints first) stops the run like a Ctrl-C."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def preflight(params, files: list, ws: Path) -> None:
@@ -512,7 +534,7 @@ def verify(
             typer.echo(f"bad: {line}")
         typer.echo(f"checked {checked} shard sets and checkpoints: {len(problems)} problem(s)")
         if problems:
-            raise typer.Exit(1)
+            raise typer.Exit(3)  # a corrupt artifact, as for `glm run`
 
 
 # glm demo -----------------------------------------------------------------------------------

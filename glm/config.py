@@ -160,11 +160,33 @@ def get_preset(name: str) -> Preset:
         ) from None
 
 
+# what a config file value may be for each annotation the config dataclasses use
+_ACCEPTS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _type_error(annotation: str, value) -> str | None:
+    """Why ``value`` does not fit ``annotation`` ("int", "float", "int | None", ...)."""
+    names = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in names:
+        return None
+    for name in names:
+        accepts = _ACCEPTS.get(name)
+        if accepts is None:
+            return None  # not a simple type: the dataclass checks it
+        if isinstance(value, accepts) and (name == "bool" or not isinstance(value, bool)):
+            return None
+    return f"expected {annotation.replace(' | None', ' or null')}, got {value!r}"
+
+
 def from_dict(cls, data: dict):
-    """Build a config dataclass from a dict, rejecting unknown keys by name."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    """Build a config dataclass from a dict, rejecting unknown keys and wrong types by name."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         names, choices = ", ".join(unknown), ", ".join(sorted(known))
         raise ValueError(f"{cls.__name__}: {names}: unknown setting; known: {choices}")
+    for name, value in data.items():
+        problem = _type_error(str(known[name].type), value)
+        if problem:
+            raise ValueError(f"{cls.__name__}: {name}: {problem}")
     return cls(**data)

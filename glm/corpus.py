@@ -330,7 +330,7 @@ def _json_document(
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
         where = f"line {lineno}"
-        raise InputError(f"malformed JSON: {e.msg} at column {e.colno}", path, where) from None
+        raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", path, where) from None
     if not isinstance(obj, dict):
         raise InputError(
             f"expected a JSON object, got {type(obj).__name__}", path, f"line {lineno}"

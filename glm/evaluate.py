@@ -87,6 +87,12 @@ class EvalConfig:
             raise ValueError("context_frac: must be in [0, 1)")
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
+        for name in ("span_windows", "greedy_spans", "cloze_items", "xz_train_cap_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        for name in ("threads", "seq_len", "max_docs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1 or null")
 
 
 # scoring ------------------------------------------------------------------------------------

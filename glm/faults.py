@@ -3,7 +3,8 @@
 ``GLM_FAULT`` is a comma-separated list of ``ACTION@POINT:N``:
 
 - ACTION: ``kill`` (SIGKILL this process), ``killpg`` (SIGKILL the whole process group),
-  ``ctrl-c`` (SIGINT to the whole process group, as a terminal's Ctrl-C sends it), ``fail``
+  ``ctrl-c`` (SIGINT to the whole process group, as a terminal's Ctrl-C sends it),
+  ``termpg`` (SIGTERM to the whole process group, as systemd stops a service), ``fail``
   (raise ``InjectedFault`` every time), ``fail-once`` (raise once; a marker file in
   ``GLM_FAULT_DIR``, default the stage's output directory, lets the retry pass).
 - POINT, with what N counts:
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 FAULT_ENV = "GLM_FAULT"
 FAULT_DIR_ENV = "GLM_FAULT_DIR"
-_FAULT_ITEM = re.compile(r"^(kill|killpg|ctrl-c|fail|fail-once)@([a-z-]+):(\d+)$")
+_FAULT_ITEM = re.compile(r"^(kill|killpg|ctrl-c|termpg|fail|fail-once)@([a-z-]+):(\d+)$")
 
 
 class InjectedFault(RuntimeError):
@@ -58,8 +59,8 @@ def fault_point(point: str, n: int, marker_dir: str | Path) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         elif action == "killpg":
             os.killpg(os.getpgrp(), signal.SIGKILL)
-        elif action == "ctrl-c":
-            os.killpg(os.getpgrp(), signal.SIGINT)
+        elif action in ("ctrl-c", "termpg"):
+            os.killpg(os.getpgrp(), signal.SIGINT if action == "ctrl-c" else signal.SIGTERM)
             continue  # whatever the handlers make of it happens in the caller, as for a user
         marker = Path(os.environ.get(FAULT_DIR_ENV) or marker_dir) / f".fault-{where}-{count}"
         if action == "fail-once":

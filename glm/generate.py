@@ -13,6 +13,7 @@ text.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -36,8 +37,8 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise InputError("generation setting max_new_tokens: must be >= 1")
-        if self.temperature < 0:
-            raise InputError("generation setting temperature: must be >= 0 (0 is greedy)")
+        if not 0 <= self.temperature < math.inf:
+            raise InputError("generation setting temperature: must be a finite number >= 0")
         if self.top_k < 0:
             raise InputError("generation setting top_k: must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
@@ -89,7 +90,7 @@ def fill_blank_ids(
         return fills
     T = max(len(row) for row in part_a)
     if model.cfg.max_seq_len < T:
-        raise ValueError(f"text of {T} tokens exceeds the model's {model.cfg.max_seq_len}")
+        raise InputError(f"text of {T} tokens exceeds the model's {model.cfg.max_seq_len}")
     # The k-th fed token of a span has block position k; the table bounds the span length.
     max_new = min(cfg.max_new_tokens, model.cfg.max_block_len - 1)
 

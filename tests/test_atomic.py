@@ -48,3 +48,21 @@ def test_a_killed_build_leaves_a_temp_dir_that_is_removed_later(tmp_path):
         write_json_atomic(tmp / "stats.json", {"ok": True})
     assert (out / "stats.json").is_file()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".stage.")]
+
+
+def test_outputs_are_readable_by_others_as_with_a_plain_open(tmp_path):
+    # a serving account must be able to read what the pipeline wrote (umask 022 here)
+    from glm.atomic import atomic_dir, write_bytes_atomic
+
+    previous = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"x")
+        write_bytes_atomic(tmp_path / "atomic", b"x")
+        with atomic_dir(tmp_path / "stage") as tmp:
+            (tmp / "inside").write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    mode = plain.stat().st_mode & 0o777
+    assert (tmp_path / "atomic").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "stage").stat().st_mode & 0o777 == 0o755

@@ -332,6 +332,11 @@ BAD_PARAMETERS = [
     ({"train": {"batch_size": 0}}, "train."),
     ({"shard": {"val_modulus": 1}}, "shard.val_modulus must be >= 2"),
     ({"device": "tpu"}, "device: must be auto, cpu, cuda or cuda:N, not 'tpu'"),
+    ({"train": {"batch_size": 2.5}}, "train.batch_size: expected int, got 2.5"),
+    ({"model": {"n_layer": "4"}}, "model.n_layer: expected int, got '4'"),
+    ({"train": {"lr": "fast"}}, "train.lr: expected float, got 'fast'"),
+    ({"eval": {"cloze_items": True}}, "eval.cloze_items: expected int, got True"),
+    ({"eval": {"cloze_items": -5}}, "eval.cloze_items: must be >= 0"),
 ]
 
 

@@ -122,6 +122,8 @@ def test_readers_refuse_a_workspace_without_a_registry_and_create_nothing(tmp_pa
     [
         ("--top-p", "2", "top_p"),
         ("--temperature", "-1", "temperature"),
+        ("--temperature", "nan", "temperature"),
+        ("--temperature", "inf", "temperature"),
         ("--max-new-tokens", "0", "max_new_tokens"),
     ],
 )
@@ -159,7 +161,7 @@ def test_verify_reports_every_bad_file(tmp_path):
         json.dumps({"format": 1, "step": 10, "sha256": {"model.safetensors": "0" * 64}})
     )
     done = glm("verify", str(ws))
-    assert done.returncode == 1
+    assert done.returncode == 3
     bad = [line for line in done.stdout.splitlines() if line.startswith("bad:")]
     assert len(bad) == 2, done.stdout
     assert shard.name in bad[0] or shard.name in bad[1]

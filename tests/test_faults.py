@@ -201,7 +201,7 @@ def test_corrupt_shards_stop_training_and_verify_names_each_file(data_stages, tm
     assert not list(out.glob("checkpoints/step-*"))
 
     done = subprocess.run([GLM, "verify", str(ws)], capture_output=True, text=True, check=False)
-    assert done.returncode == 1
+    assert done.returncode == 3
     bad = [line for line in done.stdout.splitlines() if line.startswith("bad:")]
     assert len(bad) == 2, done.stdout
     assert any(str(flipped) in line and "checksum mismatch" in line for line in bad)
@@ -322,13 +322,16 @@ def flow_run_states(prefect_home: Path) -> list[str]:
     [
         ("ctrl-c@step:7", "interrupted: SIGINT at step 7; checkpoint written to "),
         ("ctrl-c@eval:1", "interrupted (Ctrl-C); "),
+        ("termpg@step:7", "interrupted: SIGTERM at step 7; checkpoint written to "),
+        ("termpg@eval:1", "interrupted (SIGTERM); "),
     ],
 )
 def test_ctrl_c_stops_the_run_and_the_same_command_resumes(fault, said, reference, tmp_path):
-    # A terminal's Ctrl-C reaches the whole process group, Prefect's temporary server
-    # included. The run stops at once with exit 130 and one line, the server lives long
-    # enough to record the run's end (no run is left "RUNNING"), nothing outlives the run,
-    # and the same command then finishes with the uninterrupted run's weights.
+    # A terminal's Ctrl-C (and systemd's SIGTERM) reaches the whole process group, Prefect's
+    # temporary server included. The run stops at once with exit 130 and one line, the
+    # server lives long enough to record the run's end (no run is left "RUNNING"), nothing
+    # outlives the run, and the same command then finishes with the uninterrupted run's
+    # weights.
     ws = tmp_path / "ws"
     seed_data_stages(reference.ws, ws)
     stopped = glm_run(ws, api=None, fault=fault)
