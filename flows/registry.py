@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-from flows.workspace import Workspace, file_lock
+from flows.workspace import Workspace, file_lock, redact_uri
 from glm.errors import InputError
 from glm.faults import fault_point
 
@@ -70,6 +70,34 @@ def require_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
         not db.is_file() or db.stat().st_size == 0
     ):
         raise InputError("no model registry here (no mlflow.db): run `glm run` first", ws.root)
+
+
+def check_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
+    """One read of the registry, with no HTTP retries and a short timeout: an unknown scheme,
+    an unreachable server or an unreadable database fails now, as one line, instead of after
+    training (or after minutes of retries). The workspace's own sqlite file is only read
+    when it exists: the run creates it, under its lock."""
+    uri = ws.tracking_uri(tracking_uri)
+    if uri == f"sqlite:///{ws.mlflow_db}" and (
+        not ws.mlflow_db.is_file() or ws.mlflow_db.stat().st_size == 0
+    ):
+        return
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        MlflowClient(uri, uri).search_registered_models(max_results=1)
+    except Exception as err:
+        reason = redact_uri(_first_line(str(getattr(err, "message", err))))
+        raise InputError(
+            f"cannot use the MLflow registry: {type(err).__name__}: {reason}", redact_uri(uri)
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def ensure_experiment(client: MlflowClient, name: str, workspace: Workspace) -> str:
@@ -262,6 +290,7 @@ def promote(workspace: str | Path, model_name: str, version: int, tracking_uri=N
     """Move ``champion`` to ``version`` by hand (a rollback); returns the previous champion."""
     ws = Workspace.at(workspace)
     require_registry(ws, tracking_uri)
+    check_registry(ws, tracking_uri)
     with file_lock(ws.lock_path("registry"), "the model registry lock"):
         client = open_registry(ws.root, tracking_uri)
         try:

@@ -273,6 +273,10 @@ def preflight(params, files: list, ws: Path) -> None:
         from glm.train import resolve_device
 
         resolve_device(params.device)
+    if "register" in reaches:
+        from flows.registry import check_registry
+
+        check_registry(Workspace.at(ws), params.tracking_uri)
 
 
 def print_summary(summary: dict) -> None:
@@ -370,9 +374,12 @@ def resolve_package(model: str, workspace: Path, tmp: Path) -> Path:
     a model package, a train stage directory (its ``final/``) or one of its checkpoints.
     """
     if "://" in model or model.startswith(("models:/", "runs:/")):
-        from flows.registry import model_package, open_registry
+        from flows.registry import check_registry, model_package, open_registry, require_registry
+        from flows.workspace import Workspace
 
-        open_registry(workspace, must_exist=True)
+        require_registry(Workspace.at(workspace))
+        check_registry(Workspace.at(workspace))
+        open_registry(workspace)
         return model_package(model, tmp / "download")
     path = Path(model).expanduser()
     if not path.exists():

@@ -117,6 +117,28 @@ def test_readers_refuse_a_workspace_without_a_registry_and_create_nothing(tmp_pa
     assert not ws.exists()
 
 
+def test_an_unusable_registry_is_refused_before_training(tmp_path):
+    ws = tmp_path / "ws"
+    corpus = str(ROOT / "data")
+    done = glm("run", "--corpus", corpus, "-w", str(ws), "--tracking-uri", "bogus://x")
+    assert_one_line_error(done, "bogus://x: cannot use the MLflow registry")
+    assert not (ws / "prefect").exists() and not (ws / "stages").exists()
+
+
+@pytest.mark.parametrize("registry", ["unreachable server", "corrupt sqlite file"])
+@pytest.mark.parametrize("command", [["fill", "In the [MASK]."], ["promote", "1"]])
+def test_readers_say_why_the_registry_cannot_be_used(tmp_path, registry, command):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = {}
+    if registry == "unreachable server":
+        env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:1"  # nothing listens: no retries
+    else:
+        (ws / "mlflow.db").write_bytes(b"not a database, " * 300)
+    done = glm(*command, "-w", str(ws), env=env, timeout=60)
+    assert_one_line_error(done, "cannot use the MLflow registry")
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "named"),
     [
