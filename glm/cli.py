@@ -505,7 +505,7 @@ def promote(
     workspace: Workspace_ = Path("workspace"),
     debug: Debug = False,
 ) -> None:
-    """Move the ``champion`` alias to VERSION by hand (e.g. a rollback)."""
+    """Move the champion alias to VERSION by hand (e.g. a rollback)."""
     ws = workspace.resolve()
     with _reported(ws, debug):
         from flows.registry import promote as promote_version
