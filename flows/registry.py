@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 import yaml
@@ -46,29 +47,26 @@ _RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "sentencepiece", "safetensors",
 DIGEST_TAG = "glm_digest"
 
 
-def open_registry(
-    workspace: str | Path, tracking_uri: str | None = None, must_exist: bool = False
-) -> MlflowClient:
-    """Point MLflow at the workspace's sqlite file (or the given/env URI) and return a client.
-
-    ``must_exist``: readers (fill, eval, promote) refuse a workspace without a registry
-    instead of creating an empty one.
-    """
-    ws = Workspace.at(workspace)
-    uri = ws.tracking_uri(tracking_uri)
-    if must_exist:
-        require_registry(ws, tracking_uri)
+def open_registry(workspace: str | Path, tracking_uri: str | None = None) -> MlflowClient:
+    """Point MLflow at the workspace's sqlite file (or the given/env URI) and return a client."""
+    uri = Workspace.at(workspace).tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)
 
 
-def require_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
-    """Refuse a workspace whose default sqlite registry was never created."""
+def _no_workspace_db(ws: Workspace, tracking_uri: str | None) -> bool:
+    """The registry is the workspace's own sqlite file, and it was never created."""
     db = ws.mlflow_db
-    if ws.tracking_uri(tracking_uri) == f"sqlite:///{db}" and (
+    return ws.tracking_uri(tracking_uri) == f"sqlite:///{db}" and (
         not db.is_file() or db.stat().st_size == 0
-    ):
+    )
+
+
+def require_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
+    """Readers (fill, eval, promote) refuse a workspace without a registry instead of
+    creating an empty one."""
+    if _no_workspace_db(ws, tracking_uri):
         raise InputError("no model registry here (no mlflow.db): run `glm run` first", ws.root)
 
 
@@ -77,27 +75,18 @@ def check_registry(ws: Workspace, tracking_uri: str | None = None) -> None:
     an unreachable server or an unreadable database fails now, as one line, instead of after
     training (or after minutes of retries). The workspace's own sqlite file is only read
     when it exists: the run creates it, under its lock."""
-    uri = ws.tracking_uri(tracking_uri)
-    if uri == f"sqlite:///{ws.mlflow_db}" and (
-        not ws.mlflow_db.is_file() or ws.mlflow_db.stat().st_size == 0
-    ):
+    if _no_workspace_db(ws, tracking_uri):
         return
+    uri = ws.tracking_uri(tracking_uri)
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
     try:
-        MlflowClient(uri, uri).search_registered_models(max_results=1)
+        with mock.patch.dict(os.environ, quick):
+            MlflowClient(uri, uri).search_registered_models(max_results=1)
     except Exception as err:
         reason = redact_uri(_first_line(str(getattr(err, "message", err))))
         raise InputError(
             f"cannot use the MLflow registry: {type(err).__name__}: {reason}", redact_uri(uri)
         ) from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def ensure_experiment(client: MlflowClient, name: str, workspace: Workspace) -> str:

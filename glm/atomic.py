@@ -10,17 +10,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # mkstemp and mkdtemp create private (0600/0700) entries; outputs get the modes an ordinary
 # open() or mkdir() would give, so a serving account can read what the pipeline wrote.
-_FILE_MODE = 0o666 & ~_umask()
-_DIR_MODE = 0o777 & ~_umask()
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+_DIR_MODE = 0o777 & ~_UMASK
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

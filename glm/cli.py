@@ -117,13 +117,12 @@ def _fail(message: str, code: int, workspace: Path | None) -> typer.Exit:
     detail = traceback.format_exc()
     if workspace is not None and workspace.is_dir():  # never create a workspace to say so
         path = _log_file(workspace)
-        try:
+        # best effort: when the workspace itself is the problem, the console line says so
+        with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(f"error: {message}\n{detail}\n")
             log.debug("traceback written to %s", path)
-        except OSError:  # the workspace itself is the problem; the console line says so
-            pass
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
 
@@ -258,13 +257,14 @@ def _sigterm_interrupts(signum, frame) -> None:
 
 def preflight(params, files: list, ws: Path) -> None:
     """Refuse bad input before Prefect starts: every corpus record (unless this exact corpus
-    already passed the split stage) and the training device."""
+    already passed the split stage), the training device and the registry."""
     from flows.keys import COMPLETE_MARKER, plan_stages
     from flows.workspace import STAGES, Workspace
     from glm.shards import check_corpus
 
+    workspace = Workspace.at(ws)
     plan = plan_stages(params, files)
-    split_dir = Workspace.at(ws).stage_dir("split", plan.keys["split"])
+    split_dir = workspace.stage_dir("split", plan.keys["split"])
     reaches = STAGES[: STAGES.index(params.until) + 1]
     if params.forced("split") or not (split_dir / COMPLETE_MARKER["split"]).is_file():
         val_modulus = params.stage_config("shard").val_modulus if "shard" in reaches else None
@@ -276,7 +276,7 @@ def preflight(params, files: list, ws: Path) -> None:
     if "register" in reaches:
         from flows.registry import check_registry
 
-        check_registry(Workspace.at(ws), params.tracking_uri)
+        check_registry(workspace, params.tracking_uri)
 
 
 def print_summary(summary: dict) -> None:
@@ -377,9 +377,10 @@ def resolve_package(model: str, workspace: Path, tmp: Path) -> Path:
         from flows.registry import check_registry, model_package, open_registry, require_registry
         from flows.workspace import Workspace
 
-        require_registry(Workspace.at(workspace))
-        check_registry(Workspace.at(workspace))
-        open_registry(workspace)
+        ws = Workspace.at(workspace)
+        require_registry(ws)
+        check_registry(ws)
+        open_registry(ws.root)
         return model_package(model, tmp / "download")
     path = Path(model).expanduser()
     if not path.exists():

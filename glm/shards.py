@@ -34,7 +34,7 @@ from glm.corpus import CorpusFile, ReadOptions, iter_documents
 from glm.digest import sha256_file
 from glm.errors import InputError, IntegrityError
 from glm.faults import fault_point
-from glm.split import sentence_batches
+from glm.split import no_text_error, sentence_batches
 from glm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -103,21 +103,24 @@ def check_corpus(files: list[CorpusFile], opts: ReadOptions, val_modulus: int | 
             counts["val"] += val_modulus is not None and is_validation(doc.doc_id, val_modulus)
     where = files[0].path if len(files) == 1 else f"{len(files)} files"
     if counts["documents"] == 0:
-        raise InputError(
-            f"corpus has no text: {len(files)} file(s), every document empty or whitespace", where
-        )
-    if val_modulus is None:
-        return counts
-    if counts["val"] == counts["documents"]:
+        raise no_text_error(len(files), where)
+    if val_modulus is not None:
+        check_split_sizes(counts["documents"] - counts["val"], counts["val"], val_modulus, where)
+    return counts
+
+
+def check_split_sizes(train_docs: int, val_docs: int, val_modulus: int, where) -> None:
+    """Training needs training documents; evaluation and the champion gate need validation
+    ones: fail before training when either side is empty."""
+    if train_docs == 0:
         raise InputError("no training documents: every document fell into validation", where)
-    if counts["val"] == 0:
+    if val_docs == 0:
         raise InputError(
-            f"no validation documents: none of the {counts['documents']} documents has "
+            f"no validation documents: none of the {train_docs} documents has "
             f"hash(doc id) % {val_modulus} == 0; the corpus is too small to evaluate on "
             "(add documents or lower shard.val_modulus)",
             where,
         )
-    return counts
 
 
 class _ShardWriter:
@@ -317,18 +320,8 @@ def write_shards(
             }
             for s, w in writers.items()
         }
-        if stats["train"]["documents"] == 0:
-            raise InputError(
-                "no training documents: every document fell into validation", sentences_dir
-            )
-        if stats["val"]["documents"] == 0:
-            # Evaluation and the champion gate need validation bytes: fail before training.
-            raise InputError(
-                f"no validation documents: none of the {stats['train']['documents']} documents "
-                f"has hash(doc id) % {cfg.val_modulus} == 0; the corpus is too small to "
-                "evaluate on (add documents or lower shard.val_modulus)",
-                sentences_dir,
-            )
+        train_docs, val_docs = stats["train"]["documents"], stats["val"]["documents"]
+        check_split_sizes(train_docs, val_docs, cfg.val_modulus, sentences_dir)
         manifest = {
             "format_version": FORMAT_VERSION,
             "tokenizer_sha256": tok.sha256,

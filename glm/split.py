@@ -243,6 +243,12 @@ def _pool_map(fn, tasks: list, workers: int) -> list:
         return pool.map(fn, tasks, chunksize=1)
 
 
+def no_text_error(n_files: int, where) -> InputError:
+    return InputError(
+        f"corpus has no text: {n_files} file(s), every document empty or whitespace", where
+    )
+
+
 def split_corpus(specs: list[str], out_dir: str | Path, cfg: SplitConfig) -> dict:
     """Read the corpus, split every document into sentences, write Arrow files + stats.json.
 
@@ -276,10 +282,7 @@ def split_corpus(specs: list[str], out_dir: str | Path, cfg: SplitConfig) -> dic
             total.update(r)
         if total["documents"] == 0:
             where = files[0].path if len(files) == 1 else ", ".join(str(s) for s in specs)
-            raise InputError(
-                f"corpus has no text: {len(files)} file(s), every document empty or whitespace",
-                where,
-            )
+            raise no_text_error(len(files), where)
         outputs = [n for n in names if (tmp / n).exists()]
         stats = {
             "format_version": FORMAT_VERSION,
